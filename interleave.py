@@ -1,0 +1,700 @@
+"""LLaVA-NeXT-Interleave (arXiv 2407.07895) from scratch, in one file.
+
+The model reads a stream of text tokens in which some positions are image slots. Pixels go through a SigLIP vision
+transformer, a two-layer MLP projects each patch feature into the decoder's width, the projected vectors replace the
+slots, and a Qwen2 decoder predicts the next token. Multi-image, video frames, 3D views and the tiles of one large
+image are all the same thing to the model: more slots in the stream. The file reads in that order:
+
+    config -> preprocessing -> attention -> vision transformer -> projector -> splice -> decoder -> generation
+    -> tokenizer/template -> checkpoint loader
+
+Facts about the released checkpoints (shapes, key names, traps) are in SPEC.md; the comments cite its sections (§).
+"""
+import json
+import math
+import mmap
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+# ==== 1. Configuration: small dataclasses, filled from either release's config.json
+
+IMAGE_MARKER = "<image>"
+IMAGE_SLOT_ID = 151646  # the HF release's <image> token; the original release has none, so it serves there too (§3)
+SYSTEM_PROMPT = "You are a helpful assistant."
+GRID_PINPOINTS = ([384, 768], [768, 384], [768, 768], [1152, 384], [384, 1152])  # multi-patch canvases (w, h), §4
+
+
+@dataclass
+class VisionConfig:
+    """SigLIP vision transformer. Defaults: so400m-patch14-384, the tower of every release (§1)."""
+    hidden: int = 1152
+    intermediate: int = 4304
+    heads: int = 16
+    layers: int = 26           # the number stored in the checkpoint; the loader sets it from the keys
+    image_size: int = 384
+    patch_size: int = 14
+    eps: float = 1e-6
+    act: str = "gelu_pytorch_tanh"
+    feature_layer: int = -1    # index into (embeddings, layer 1, ..., layer N)
+
+    @property
+    def tokens(self):          # (384 // 14)^2 = 27 * 27 = 729 feature vectors per image
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class TextConfig:
+    """Qwen2 decoder. Defaults are Qwen2's own, which the 7b-hf config.json relies on (§2)."""
+    hidden: int = 4096
+    intermediate: int = 22016
+    heads: int = 32
+    kv_heads: int = 32
+    head_dim: int = 128
+    layers: int = 32
+    vocab: int = 151936
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_positions: int = 32768
+    tie_embeddings: bool = False
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig
+    text: TextConfig
+    layout: str                          # "original" (lmms-lab, llava_qwen) or "hf" (llava-hf, llava)
+    image_token_id: int = IMAGE_SLOT_ID
+    projector_bias: bool = True
+    grid_pinpoints: list = field(default_factory=lambda: list(GRID_PINPOINTS))
+
+    @property
+    def has_image_newline(self):         # only the original release carries `image_newline` (§4.7)
+        return self.layout == "original"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message says what is wrong and how to fix it."""
+
+
+def _pick(d, key, default):
+    return d[key] if d.get(key) is not None else default
+
+
+def config_from_dict(cfg):
+    """Read config.json of either release layout, handling the traps of §2."""
+    model_type = cfg.get("model_type")
+    if model_type == "llava_qwen":       # original: Qwen2 fields at the top, the tower named only by id
+        text_cfg, layout = cfg, "original"
+        projector = cfg.get("mm_projector_type", "mlp2x_gelu")
+        if projector != "mlp2x_gelu":
+            raise CheckpointError(f"mm_projector_type {projector!r} is not supported; this release uses 'mlp2x_gelu'")
+        # The release writes mm_vision_select_layer = -2, but its SigLIP tower ignores it and returns the last stored
+        # layer: the features are hidden_states[-1] (§1). Small test checkpoints carry a `vision_config` block.
+        vis_cfg, feature_layer = cfg.get("vision_config") or {}, -1
+    elif model_type == "llava":          # HF: nested text_config / vision_config
+        text_cfg, layout = cfg.get("text_config") or {}, "hf"
+        vis_cfg = cfg.get("vision_config") or {}
+        feature_layer = _pick(cfg, "vision_feature_layer", -2)
+        if not isinstance(feature_layer, int):
+            raise CheckpointError(f"vision_feature_layer {feature_layer!r}: only a single integer layer is supported")
+        strategy = _pick(cfg, "vision_feature_select_strategy", "default")
+        if strategy != "full":
+            raise CheckpointError(f"vision_feature_select_strategy {strategy!r}: SigLIP has no CLS token to drop; "
+                                  "this model needs 'full'")
+        act = _pick(cfg, "projector_hidden_act", "gelu")
+        if act != "gelu":
+            raise CheckpointError(f"projector_hidden_act {act!r} is not supported; the release uses exact 'gelu'")
+        if vis_cfg.get("model_type", "siglip_vision_model") != "siglip_vision_model":
+            raise CheckpointError(f"vision tower {vis_cfg.get('model_type')!r} is not supported; only SigLIP is")
+    else:
+        raise CheckpointError(f"unknown model_type {model_type!r} in config.json: expected 'llava_qwen' "
+                              "(lmms-lab original layout) or 'llava' (llava-hf layout)")
+    # transformers 5 writes rope_parameters {rope_type, rope_theta} where older files have rope_theta/rope_scaling.
+    rope = text_cfg.get("rope_parameters") or {}
+    if text_cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        raise CheckpointError(f"rope scaling {text_cfg.get('rope_scaling') or rope!r} is not supported "
+                              "(the releases use plain rotary embeddings)")
+    # A missing field means so400m in the original layout (the tower is named by id), SigLIP's own default in HF's.
+    defaults = VisionConfig() if layout == "original" else VisionConfig(768, 3072, 12, 12, 224, 16)
+    vision = VisionConfig(**{ours: _pick(vis_cfg, theirs, getattr(defaults, ours)) for ours, theirs in (
+        ("hidden", "hidden_size"), ("intermediate", "intermediate_size"), ("heads", "num_attention_heads"),
+        ("layers", "num_hidden_layers"), ("image_size", "image_size"), ("patch_size", "patch_size"),
+        ("eps", "layer_norm_eps"), ("act", "hidden_act"))}, feature_layer=feature_layer)
+    hidden = _pick(text_cfg, "hidden_size", 4096)
+    heads = _pick(text_cfg, "num_attention_heads", 32)
+    tie = text_cfg.get("tie_word_embeddings", cfg.get("tie_word_embeddings"))  # the flag may sit in text_config
+    text = TextConfig(
+        hidden=hidden, heads=heads,
+        intermediate=_pick(text_cfg, "intermediate_size", 22016),
+        kv_heads=_pick(text_cfg, "num_key_value_heads", heads),
+        head_dim=_pick(text_cfg, "head_dim", hidden // heads),
+        layers=_pick(text_cfg, "num_hidden_layers", 32),
+        vocab=_pick(text_cfg, "vocab_size", 151936),
+        eps=_pick(text_cfg, "rms_norm_eps", 1e-6),
+        rope_theta=float(_pick(rope, "rope_theta", _pick(text_cfg, "rope_theta", 10000.0))),
+        max_positions=_pick(text_cfg, "max_position_embeddings", 32768),
+        tie_embeddings=bool(tie))
+    if text.heads % text.kv_heads:
+        raise CheckpointError(f"num_attention_heads {text.heads} is not a multiple of num_key_value_heads "
+                              f"{text.kv_heads}")
+    for name, act, known in (("text", text_cfg.get("hidden_act", "silu"), ("silu",)),
+                             ("vision", vision.act, ("gelu_pytorch_tanh", "gelu"))):
+        if act not in known:
+            raise CheckpointError(f"{name} hidden_act {act!r} is not supported (expected one of {known})")
+    return ModelConfig(
+        vision=vision, text=text, layout=layout,
+        image_token_id=_pick(cfg, "image_token_index", _pick(cfg, "image_token_id", IMAGE_SLOT_ID)),
+        projector_bias=cfg.get("multimodal_projector_bias", True),
+        grid_pinpoints=_pick(cfg, "image_grid_pinpoints", list(GRID_PINPOINTS)))
+
+
+# ==== 2. Image preprocessing (§4): every view is squashed to S x S, scaled to [0, 1], then normalised to [-1, 1]
+
+def image_to_pixels(image, size):
+    """PIL image -> (3, size, size) float tensor: RGB, bicubic resize ignoring aspect ratio, mean/std 0.5."""
+    rgb = image.convert("RGB").resize((size, size), Image.BICUBIC)
+    pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(size, size, 3)  # (H, W, C)
+    return (pixels.permute(2, 0, 1).float() / 255.0 - 0.5) / 0.5                                  # (C, H, W)
+
+
+# ==== 3. Attention: one function, three interchangeable paths
+
+ATTENTION_IMPLS = ("plain", "sdpa", "triton")
+
+
+def plain_attention(q, k, v, causal, scale):
+    """The explanation and the test oracle. q (B, H, Tq, D); k, v (B, Hkv, Tk, D).
+
+    Grouped-query attention: query head h reads kv head h // (H / Hkv). With a KV cache the Tq queries are the LAST
+    Tq positions of the Tk keys, so the causal mask is aligned bottom-right: query i sees key j iff j <= i + Tk - Tq.
+    """
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)                                   # (B, H, Tk, D)
+    v = v.repeat_interleave(group, dim=1)                                   # (B, H, Tk, D)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale              # (B, H, Tq, Tk)
+    if causal:
+        tq, tk = scores.shape[-2:]
+        visible = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    probs = scores.softmax(dim=-1)                                          # softmax in float32 (§1)
+    return (probs @ v.float()).to(q.dtype)                                  # (B, H, Tq, D)
+
+
+def attention(q, k, v, causal, impl, scale=None):
+    """Dispatch to impl: "plain" (above), "sdpa" (PyTorch's fused kernels) or "triton" (kernels.py)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if impl == "plain":
+        return plain_attention(q, k, v, causal, scale)
+    (b, h, tq, d), tk = q.shape, k.shape[2]
+    if impl == "sdpa":
+        mask = None
+        if causal and tq > 1 and tq != tk:   # SDPA's is_causal aligns top-left; a cached prefill needs bottom-right
+            mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and tq == tk and tq > 1,
+                                              scale=scale, enable_gqa=True)
+    if impl == "triton":
+        import kernels  # the hand-written flash attention; the packed layout puts each batch row in its own segment
+        cu_q = torch.arange(0, (b + 1) * tq, tq, dtype=torch.int32, device=q.device)
+        cu_k = torch.arange(0, (b + 1) * tk, tk, dtype=torch.int32, device=q.device)
+        out = kernels.attention(q.transpose(1, 2).reshape(b * tq, h, d),            # (B*Tq, H, D)
+                                k.transpose(1, 2).reshape(b * tk, k.shape[1], d),   # (B*Tk, Hkv, D)
+                                v.transpose(1, 2).reshape(b * tk, k.shape[1], d),
+                                causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, scale=scale)
+        return out.view(b, tq, h, d).transpose(1, 2)                               # (B, H, Tq, D)
+    raise ValueError(f"unknown attention implementation {impl!r}: use one of {ATTENTION_IMPLS}")
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention with q/k/v/output projections, shared by the vision tower and the decoder.
+
+    Key names follow the checkpoints: SigLIP calls the output projection out_proj (with bias), Qwen2 o_proj (none).
+    """
+
+    def __init__(self, dim, heads, kv_heads, head_dim, out_name, out_bias, causal):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.causal, self.impl = heads, kv_heads, head_dim, causal, "sdpa"
+        self.q_proj = nn.Linear(dim, heads * head_dim)
+        self.k_proj = nn.Linear(dim, kv_heads * head_dim)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim)
+        self.out_name = out_name
+        setattr(self, out_name, nn.Linear(heads * head_dim, dim, bias=out_bias))
+
+    def forward(self, x, rotary=None, cache=None, layer=0, start=0):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)        # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)     # (B, Hkv, T, D)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)     # (B, Hkv, T, D)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)                                      # (B, Hkv, start + T, D)
+        out = attention(q, k, v, self.causal, self.impl)                                # (B, H, T, D)
+        out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)              # (B, T, H * D)
+        return getattr(self, self.out_name)(out)
+
+
+# ==== 4. Vision transformer: SigLIP so400m-patch14-384, cut to the 26 stored layers, no pooling head (§1)
+
+class VisionBlock(nn.Module):
+    """Pre-norm transformer block: x += attn(LN1(x)); x += fc2(gelu_tanh(fc1(LN2(x))))."""
+
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(c.hidden, eps=c.eps)
+        self.self_attn = SelfAttention(c.hidden, c.heads, c.heads, c.hidden // c.heads, "out_proj", True, False)
+        self.layer_norm2 = nn.LayerNorm(c.hidden, eps=c.eps)
+        self.fc1 = nn.Linear(c.hidden, c.intermediate)
+        self.fc2 = nn.Linear(c.intermediate, c.hidden)
+        self.approximate = "tanh" if c.act == "gelu_pytorch_tanh" else "none"
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.layer_norm2(x)), approximate=self.approximate))
+
+
+class VisionTower(nn.Module):
+    """Pixels (N, 3, S, S) -> patch features (N, grid*grid, C): the output of the selected layer."""
+
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.config = c
+        # A stride-14 convolution is a linear map of each 14x14 patch; 384 = 27*14 + 6, the leftover 6 are dropped.
+        self.patch_embedding = nn.Conv2d(3, c.hidden, kernel_size=c.patch_size, stride=c.patch_size)
+        self.position_embedding = nn.Embedding(c.tokens, c.hidden)
+        self.layers = nn.ModuleList(VisionBlock(c) for _ in range(c.layers))
+        if not -(c.layers + 1) <= c.feature_layer <= c.layers:
+            raise CheckpointError(f"vision_feature_layer {c.feature_layer} is out of range for {c.layers} layers")
+        # Stored in every checkpoint but NOT applied: the features are taken before it (applying it is the classic bug).
+        self.post_layernorm = nn.LayerNorm(c.hidden, eps=c.eps)
+
+    def forward(self, pixels):
+        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (N, C, grid, grid)
+        x = x.flatten(2).transpose(1, 2)                                          # (N, grid*grid, C), row-major
+        x = x + self.position_embedding.weight
+        # feature_layer indexes (embeddings, layer 1, ..., layer N): -1 is the last layer, -2 the one before it.
+        # Layers past the selected one are never run.
+        n_run = self.config.feature_layer % (len(self.layers) + 1)
+        for layer in self.layers[:n_run]:
+            x = layer(x)
+        return x
+
+
+# ==== 5. Projector ("mlp2x_gelu"): Linear -> exact (erf) GELU -> Linear, from vision width to decoder width (§1)
+
+class Projector(nn.Module):
+    def __init__(self, vision_dim, text_dim, bias=True):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_dim, text_dim, bias=bias)
+        self.linear_2 = nn.Linear(text_dim, text_dim, bias=bias)
+
+    def forward(self, x):
+        return self.linear_2(F.gelu(self.linear_1(x)))   # exact GELU here, unlike the tower's tanh form
+
+
+# ==== 6. Decoder: Qwen2 (Qwen1.5-Chat) with RMSNorm, rotary embeddings, GQA and a preallocated KV cache (§1)
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        # Normalise in float32, cast back, THEN scale by the weight: the order matters in bf16 (§1).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_tables(positions, head_dim, theta, dtype):
+    """cos, sin of shape (B, 1, T, D) for integer positions (B, T); angles in float32, never in bf16."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)  # (D/2,)
+    angles = positions.float()[..., None] * inv_freq                       # (B, T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]                  # (B, 1, T, D)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate-half convention: the pairs are (i, i + D/2), not interleaved neighbours."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated to max_len and indexed by position."""
+
+    def __init__(self, layers, batch, kv_heads, max_len, head_dim, dtype, device):
+        shape = (layers, batch, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, layer, start, k, v):
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]       # (B, Hkv, end, D)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: x += attn(input_layernorm(x)); x += SwiGLU MLP(post_attention_layernorm(x))."""
+
+    def __init__(self, c: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden, c.eps)
+        self.self_attn = SelfAttention(c.hidden, c.heads, c.kv_heads, c.head_dim, "o_proj", False, True)
+        self.post_attention_layernorm = RMSNorm(c.hidden, c.eps)
+        self.gate_proj = nn.Linear(c.hidden, c.intermediate, bias=False)
+        self.up_proj = nn.Linear(c.hidden, c.intermediate, bias=False)
+        self.down_proj = nn.Linear(c.intermediate, c.hidden, bias=False)
+
+    def forward(self, x, rotary, cache, layer, start):
+        x = x + self.self_attn(self.input_layernorm(x), rotary, cache, layer, start)
+        h = self.post_attention_layernorm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: TextConfig):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab, c.hidden)
+        self.layers = nn.ModuleList(DecoderBlock(c) for _ in range(c.layers))
+        self.norm = RMSNorm(c.hidden, c.eps)
+
+    def forward(self, x, positions, cache=None, start=0):
+        rotary = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rotary, cache, i, start)
+        return self.norm(x)
+
+
+# ==== 7. The whole model: encode images, splice them into the token stream, decode, generate
+
+class LlavaInterleave(nn.Module):
+    """LLaVA-NeXT-Interleave: SigLIP tower + mlp2x_gelu projector + Qwen2 decoder.
+
+    input_ids (B, T) carry config.image_token_id at every image slot; pixel_values (N, 3, S, S) are the images in
+    slot order, each giving grid*grid slots (729 for the releases).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.vision = VisionTower(config.vision)
+        self.projector = Projector(config.vision.hidden, config.text.hidden, config.projector_bias)
+        if config.has_image_newline:     # used only by multi-patch images (§4.6)
+            self.image_newline = nn.Parameter(torch.zeros(config.text.hidden))
+        self.decoder = Decoder(config.text)
+        self.lm_head = nn.Linear(config.text.hidden, config.text.vocab, bias=False)
+        if config.text.tie_embeddings:   # 0.5B: no lm_head tensor in the files, the embedding is reused
+            self.lm_head.weight = self.decoder.embed_tokens.weight
+
+    def set_attention(self, impl):
+        """Choose the attention path of every layer: "plain", "sdpa" or "triton"."""
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention implementation {impl!r}: use one of {ATTENTION_IMPLS}")
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                module.impl = impl
+        return self
+
+    def encode_image(self, pixels):
+        """Pixels (N, 3, S, S) -> (N * grid * grid, H): the projected vectors exactly as they are spliced in."""
+        if pixels.dim() != 4 or pixels.shape[1:] != (3, self.config.vision.image_size, self.config.vision.image_size):
+            size = self.config.vision.image_size
+            raise ValueError(f"pixel_values must have shape (N, 3, {size}, {size}); got {tuple(pixels.shape)}")
+        features = self.projector(self.vision(pixels))                     # (N, grid*grid, H)
+        return features.flatten(0, 1)                                      # (N * grid*grid, H)
+
+    def embed(self, input_ids, pixel_values=None):
+        """Token embeddings with the image slots replaced, in order, by the image features (§3)."""
+        slots = input_ids == self.config.image_token_id                   # (B, T)
+        text_ids = input_ids.masked_fill(slots, 0)   # slot ids are never looked up: 151646 may lie past the vocab
+        vocab = self.config.text.vocab
+        if text_ids.numel() and (text_ids.min() < 0 or text_ids.max() >= vocab):
+            raise ValueError(f"input_ids hold token ids outside [0, {vocab}): "
+                             f"min {text_ids.min().item()}, max {text_ids.max().item()}")
+        x = self.decoder.embed_tokens(text_ids)                            # (B, T, H)
+        n_slots = int(slots.sum())
+        if pixel_values is None:
+            if n_slots:
+                raise ValueError(f"input_ids have {n_slots} image slots but no pixel_values were given")
+            return x
+        features = self.encode_image(pixel_values)
+        if features.shape[0] != n_slots:
+            per = self.config.vision.tokens
+            raise ValueError(f"input_ids have {n_slots} image slots but pixel_values give {features.shape[0]} "
+                             f"features ({pixel_values.shape[0]} images x {per}); put {per} slots per image")
+        return x.masked_scatter(slots[..., None], features.to(x.dtype))   # row-major: the slot order
+
+    def forward(self, input_ids, pixel_values=None, cache=None, start=0):
+        """Logits (B, T, vocab). With a cache, input_ids are the tokens at positions start .. start+T-1."""
+        b, t = input_ids.shape
+        positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)  # (B, T)
+        hidden = self.decoder(self.embed(input_ids, pixel_values), positions, cache, start)
+        return self.lm_head(hidden)
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0,
+                 repetition_penalty=1.0, stop_ids=(151645, 151643), use_cache=True, generator=None, on_token=None):
+        """New token ids (B, n), n <= max_new_tokens. Greedy unless temperature > 0.
+
+        A row that emits a stop id keeps repeating it until every row has stopped. use_cache=False recomputes the
+        whole sequence at every step (slow; the oracle for the cache). on_token(ids (B,)) is called as tokens arrive.
+        """
+        b, t = input_ids.shape
+        total = t + max_new_tokens
+        if total > self.config.text.max_positions:
+            raise ValueError(f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
+                             f"{self.config.text.max_positions} positions; shorten the prompt or ask for fewer tokens")
+        c, w = self.config.text, self.decoder.embed_tokens.weight
+        cache = KVCache(c.layers, b, c.kv_heads, total, c.head_dim, w.dtype, w.device) if use_cache else None
+        sequence, new_tokens = input_ids, []
+        finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        logits = self(input_ids, pixel_values, cache=cache)[:, -1]        # (B, vocab)
+        for step in range(max_new_tokens):
+            token = next_token(logits, sequence, temperature, top_k, top_p, repetition_penalty, generator,
+                               self.config.image_token_id)
+            if new_tokens:   # stopped rows repeat their stop id
+                token = torch.where(finished, new_tokens[-1], token)
+            new_tokens.append(token)
+            sequence = torch.cat([sequence, token[:, None]], dim=1)
+            if on_token is not None:
+                on_token(token)
+            finished |= torch.isin(token, torch.tensor(list(stop_ids), dtype=torch.long, device=token.device))
+            if finished.all() or step == max_new_tokens - 1:
+                break
+            if use_cache:
+                logits = self(token[:, None], cache=cache, start=t + step)[:, -1]
+            else:
+                logits = self(sequence, pixel_values)[:, -1]
+        return torch.stack(new_tokens, dim=1) if new_tokens else input_ids.new_zeros(b, 0)
+
+
+def next_token(logits, sequence, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, generator=None,
+               image_token_id=IMAGE_SLOT_ID):
+    """Pick the next token from logits (B, vocab), in the order of the released generation config:
+    repetition penalty, temperature, top-k, top-p, then sample (or argmax when temperature is 0)."""
+    logits = logits.float()
+    if repetition_penalty != 1.0:
+        vocab = logits.shape[-1]   # image slots are not text: send them to an extra column that is dropped
+        ids = sequence.masked_fill(sequence == image_token_id, vocab)
+        seen = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
+        seen = seen.scatter(1, ids, True)[:, :vocab]                         # (B, vocab)
+        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        # Drop the least likely tokens whose total probability stays within 1 - top_p; the top token always stays.
+        sorted_logits, order = logits.sort(dim=-1)                          # ascending
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))  # unsort
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+# ==== 8. Tokenizer and chat template (§3): Qwen2 byte-level BPE from tokenizer.json, ChatML
+
+def load_tokenizer(path):
+    """The `tokenizers` Tokenizer of a checkpoint folder (its tokenizer.json)."""
+    from tokenizers import Tokenizer
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"no tokenizer.json in {path}: copy it from the release next to config.json")
+    try:
+        return Tokenizer.from_file(file)
+    except Exception as e:
+        raise CheckpointError(f"{file} is not a valid tokenizer file ({e}); download it again") from None
+
+
+def chat_prompt(messages, system=SYSTEM_PROMPT):
+    """ChatML text for a conversation: messages is a question string or a list of (role, text), roles "user" and
+    "assistant". Ends with an open assistant turn when the last message is the user's."""
+    if isinstance(messages, str):
+        messages = [("user", messages)]
+    text = f"<|im_start|>system\n{system}<|im_end|>\n"
+    for role, content in messages:
+        text += f"<|im_start|>{role}\n{content}<|im_end|>\n"
+    return text + ("<|im_start|>assistant\n" if messages[-1][0] == "user" else "")
+
+
+def encode_prompt(tokenizer, text, image_token_id, slots_per_image):
+    """Token ids for text with <image> markers: the text pieces are tokenized separately and each marker becomes
+    slots_per_image[i] image slots (an int means the same count for every image)."""
+    pieces = text.split(IMAGE_MARKER)
+    if isinstance(slots_per_image, int):
+        slots_per_image = [slots_per_image] * (len(pieces) - 1)
+    if len(slots_per_image) != len(pieces) - 1:
+        raise ValueError(f"the prompt has {len(pieces) - 1} {IMAGE_MARKER} markers but {len(slots_per_image)} "
+                         "images were given; put one marker where each image goes")
+    ids = tokenizer.encode(pieces[0], add_special_tokens=False).ids
+    for n_slots, piece in zip(slots_per_image, pieces[1:]):
+        ids += [image_token_id] * n_slots + tokenizer.encode(piece, add_special_tokens=False).ids
+    return ids
+
+
+# ==== 9. Loading released checkpoints: both layouts, single or sharded safetensors, memory-mapped (§2)
+
+# Checkpoint key prefix -> our module path. Checked in order; the last rule catches the original decoder keys.
+KEY_PREFIXES = [
+    ("model.vision_tower.vision_tower.vision_model.", "vision."),   # original (lmms-lab)
+    ("vision_tower.vision_model.", "vision."),                       # hub HF layout
+    ("vision_tower.", "vision."),                                    # transformers 5 save_pretrained
+    ("model.vision_tower.vision_model.", "vision."),                 # newer transformers
+    ("model.vision_tower.", "vision."),
+    ("model.mm_projector.0.", "projector.linear_1."),
+    ("model.mm_projector.2.", "projector.linear_2."),
+    ("multi_modal_projector.", "projector."),
+    ("model.multi_modal_projector.", "projector."),
+    ("model.image_newline", "image_newline"),
+    ("language_model.model.", "decoder."),
+    ("model.language_model.", "decoder."),
+    ("language_model.lm_head.", "lm_head."),
+    ("lm_head.", "lm_head."),
+    ("model.", "decoder."),
+]
+# Our modules are flatter than the checkpoints: SigLIP's embeddings./encoder. and Qwen2's self_attn/mlp nesting.
+KEY_INFIXES = [("vision.embeddings.", "vision."), ("vision.encoder.", "vision."), (".mlp.", ".")]
+
+
+def our_key(key):
+    for prefix, ours in KEY_PREFIXES:
+        if key.startswith(prefix):
+            key = ours + key[len(prefix):]
+            break
+    for infix, ours in KEY_INFIXES:
+        key = key.replace(infix, ours, 1)
+    return key
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def open_safetensors(file):
+    """{name: tensor} viewing a memory map of one .safetensors file: nothing is read until a tensor is used.
+
+    The format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, the data.
+    Every entry is checked against the file size, so a truncated or corrupt file fails here, naming the file.
+    """
+    def corrupt(why):
+        return CheckpointError(f"{file} is truncated or corrupt ({why}); download it again")
+
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        if size < 8:
+            raise corrupt(f"only {size} bytes")
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > size - 8:
+            raise corrupt(f"header of {header_len} bytes in a file of {size}")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise corrupt(f"unreadable header: {e}") from None
+        # ACCESS_COPY: a private mapping, so a parameter may be written in place without touching the file.
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    tensors, data_start = {}, 8 + header_len
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise corrupt(f"bad header entry for {name}: {info}") from None
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if end - begin != nbytes or begin < 0 or data_start + end > size:
+            raise corrupt(f"{name} needs bytes {begin}..{end} of the data, which the file does not hold")
+        if nbytes == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        tensors[name] = torch.frombuffer(mapped, dtype=dtype, count=math.prod(shape),
+                                         offset=data_start + begin).view(shape)
+    return tensors
+
+
+def read_checkpoint_tensors(path):
+    """All tensors of a checkpoint folder: model.safetensors, or the shards listed in model.safetensors.index.json."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            weight_map = json.load(open(index))["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{index} is unreadable ({e}); download it again") from None
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            file = os.path.join(path, shard)
+            if not os.path.isfile(file):
+                raise CheckpointError(f"shard {shard} listed in {index} is missing; download it")
+            tensors.update(open_safetensors(file))
+        absent = sorted(set(weight_map) - set(tensors))
+        if absent:
+            raise CheckpointError(f"{len(absent)} tensors listed in {index} are in no shard: {absent[:10]}")
+        return tensors
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}; found "
+                              f"{sorted(os.listdir(path))}")
+    return open_safetensors(single)
+
+
+def read_config(path):
+    file = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint folder {path} does not exist")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"no config.json in {path}: a checkpoint folder holds config.json and safetensors files")
+    try:
+        with open(file) as f:
+            return config_from_dict(json.load(f))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {file}: {e}") from None
+
+
+def load(path, device=None, dtype=None, attn=None):
+    """Build the model for a checkpoint folder in either release layout and load its weights.
+
+    device: default cpu. dtype: default the checkpoint's own (bf16 for the releases); other dtypes are cast tensor by
+    tensor, straight from the file. attn: "plain", "sdpa" or "triton" (default: triton on CUDA, sdpa elsewhere).
+    On the CPU with the stored dtype the parameters stay views of the memory-mapped file: one copy, paged in lazily.
+    """
+    path = os.fspath(path)
+    config = read_config(path)
+    stored = {our_key(k): t for k, t in read_checkpoint_tensors(path).items()}
+    # The releases store 26 SigLIP layers of so400m's 27; the model has exactly the layers the checkpoint holds.
+    config.vision.layers = len({k.split(".")[2] for k in stored if k.startswith("vision.layers.")})
+    with torch.device("meta"):
+        model = LlavaInterleave(config)
+    expected = dict(model.state_dict())
+    if config.text.tie_embeddings:
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    wrong_shape = [f"{k}: checkpoint {tuple(stored[k].shape)}, config wants {tuple(expected[k].shape)}"
+                   for k in sorted(set(stored) & set(expected)) if stored[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        lines = [f"checkpoint {path} does not match its config.json:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if items:
+                lines.append(f"  {len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+        if "lm_head.weight" in unexpected and config.text.tie_embeddings:
+            lines.append("  config.json says tie_word_embeddings=true, yet the checkpoint has an lm_head")
+        if "lm_head.weight" in missing:
+            lines.append("  no lm_head tensor: if the head is tied to the embedding, set tie_word_embeddings=true")
+        raise CheckpointError("\n".join(lines))
+    device = torch.device(device or "cpu")
+    dtype = dtype or stored["decoder.embed_tokens.weight"].dtype
+    # strict=False only because a tied lm_head has no tensor of its own; every key was checked above.
+    model.load_state_dict({k: t.to(device=device, dtype=dtype) for k, t in stored.items()}, assign=True, strict=False)
+    if config.text.tie_embeddings:   # assign=True replaced the shared parameter: tie again
+        model.lm_head.weight = model.decoder.embed_tokens.weight
+    return model.eval().set_attention(attn or ("triton" if device.type == "cuda" else "sdpa"))
