@@ -14,12 +14,14 @@ import json
 import math
 import mmap
 import os
+import re
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 # ==== 1. Configuration: small dataclasses, filled from either release's config.json
 
@@ -153,54 +155,372 @@ def config_from_dict(cfg):
         grid_pinpoints=_pick(cfg, "image_grid_pinpoints", list(GRID_PINPOINTS)))
 
 
-# ==== 2. Image preprocessing (§4): every view is squashed to S x S, scaled to [0, 1], then normalised to [-1, 1]
+# ==== 2. Images (§4): opening any file, plain views, multi-patch tiles, video frames
+
+class InputError(ValueError):
+    """Bad user input (an image, a video, a prompt); the message says what is wrong and how to fix it."""
+
+
+MULTIPATCH_NEEDS_NEWLINE = ("multi-patch (anyres) needs the `image_newline` vector, which only the original lmms-lab "
+                            "release carries (the Hugging Face conversion dropped it): load an original checkpoint, "
+                            "or pass the image as a plain image")
+
+
+def read_image_file(source):
+    """Image.open + load, with every way a file can fail turned into one clear InputError."""
+    try:
+        image = Image.open(source)
+        image.load()
+        return image
+    except FileNotFoundError:
+        raise InputError(f"{source} does not exist") from None
+    except Image.DecompressionBombError as e:   # Pillow's guard against images that would exhaust memory
+        raise InputError(f"{source} is too large to decode safely ({e}); shrink it first") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"cannot read {source} as an image ({e}); is it a complete image file?") from None
+
+
+def open_image(source):
+    """A path or PIL image, in any mode -> RGB PIL image, upright (EXIF orientation applied)."""
+    image = source if isinstance(source, Image.Image) else read_image_file(source)
+    if image.width < 1 or image.height < 1:
+        raise InputError(f"image {getattr(image, 'filename', '')} has zero size {image.size}")
+    image = ImageOps.exif_transpose(image)   # phones store the rotation in EXIF, not in the pixels
+    if image.mode.startswith("I"):           # 16/32-bit grey: rescale to 8 bits; convert("RGB") would clip at 255
+        grey = np.asarray(image, dtype=np.float64)
+        grey = grey / 257 if image.mode.startswith("I;16") or grey.max() > 255 else grey
+        image = Image.fromarray(grey.clip(0, 255).round().astype(np.uint8))
+    return image.convert("RGB")   # alpha is dropped, as the release's own .convert("RGB") does
+
 
 def image_to_pixels(image, size):
-    """PIL image -> (3, size, size) float tensor: RGB, bicubic resize ignoring aspect ratio, mean/std 0.5."""
+    """PIL image -> (3, size, size) float tensor: bicubic resize ignoring aspect ratio, mean/std 0.5 -> [-1, 1]."""
     rgb = image.convert("RGB").resize((size, size), Image.BICUBIC)
     pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(size, size, 3)  # (H, W, C)
     return (pixels.permute(2, 0, 1).float() / 255.0 - 0.5) / 0.5                                  # (C, H, W)
 
 
-# ==== 3. Attention: one function, three interchangeable paths
+def select_canvas(image_size, pinpoints):
+    """§4.1: the (width, height) canvas that keeps the most of the image's resolution, then wastes the least.
+    Strict comparisons: on a tie the FIRST best canvas wins (small images get 1 wide x 2 high)."""
+    w0, h0 = image_size
+    best, best_effective, best_waste = None, 0, float("inf")
+    for width, height in pinpoints:
+        scale = min(width / w0, height / h0)
+        effective = min(int(w0 * scale) * int(h0 * scale), w0 * h0)
+        waste = width * height - effective
+        if effective > best_effective or (effective == best_effective and waste < best_waste):
+            best, best_effective, best_waste = (width, height), effective, waste
+    return best
+
+
+def multipatch_layout(image_size, config):
+    """For a multi-patch image of size (w, h): (views, rows, cols, (top, bottom, left, right)), the last being the
+    part of the (rows*s, cols*s) feature grid that unpadding keeps (§4.5, the release's float truncation included)."""
+    w0, h0 = image_size
+    tile, s = config.vision.image_size, config.vision.image_size // config.vision.patch_size
+    width, height = select_canvas(image_size, config.grid_pinpoints)
+    rows, cols = height // tile, width // tile
+    ch, cw = rows * s, cols * s
+    if w0 / h0 > cw / ch:   # the image is wider than the grid: black bands above and below
+        pad = (ch - int(h0 * (cw / w0))) // 2
+        return 1 + rows * cols, rows, cols, (pad, ch - pad, 0, cw)
+    pad = (cw - int(w0 * (ch / h0))) // 2
+    return 1 + rows * cols, rows, cols, (0, ch, pad, cw - pad)
+
+
+def image_slots(config, image_size=None):
+    """Slots one image takes: grid*grid (729) plain; multi-patch adds the unpadded grid plus a newline per row."""
+    if image_size is None:
+        return config.vision.tokens
+    _, _, _, (top, bottom, left, right) = multipatch_layout(image_size, config)
+    return config.vision.tokens + (bottom - top) * (right - left + 1)   # 1000x1000 at 384: 729 + 54 * 55 = 3699
+
+
+def multipatch_views(image, config):
+    """§4.2-4.3: the base view (the whole image) and the tiles of the image fitted onto a black canvas, row-major."""
+    tile, (w0, h0) = config.vision.image_size, image.size
+    width, height = select_canvas(image.size, config.grid_pinpoints)
+    scale_w, scale_h = width / w0, height / h0
+    if scale_w < scale_h:
+        new_w, new_h = width, min(math.ceil(h0 * scale_w), height)
+    else:
+        new_w, new_h = min(math.ceil(w0 * scale_h), width), height
+    canvas = Image.new("RGB", (width, height))   # black: -1.0 after normalisation, not the mean colour
+    canvas.paste(image.resize((new_w, new_h), Image.BICUBIC), ((width - new_w) // 2, (height - new_h) // 2))
+    return [image] + [canvas.crop((x, y, x + tile, y + tile)) for y in range(0, height, tile)
+                      for x in range(0, width, tile)]
+
+
+def preprocess(image, config, anyres=False):
+    """A PIL image (any mode) or path -> pixels (n_views, 3, S, S): one view, or base + tiles with anyres."""
+    if anyres and not config.has_image_newline:
+        raise InputError(MULTIPATCH_NEEDS_NEWLINE)
+    image = open_image(image)
+    views = multipatch_views(image, config) if anyres else [image]
+    return torch.stack([image_to_pixels(view, config.vision.image_size) for view in views])
+
+
+FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+def sample_frame_indices(total, num_frames):
+    """Uniform sampling, as the official demo: np.linspace(0, total - 1, n, dtype=int). With no more frames than
+    asked for, all of them (the demo divides by zero there)."""
+    if total <= num_frames:
+        return list(range(total))
+    return np.linspace(0, total - 1, num_frames, dtype=int).tolist()
+
+
+def read_video_frames(source, num_frames=16):
+    """Frames sampled uniformly from a folder of frames (natural name order), an animated GIF/WebP/PNG, or a list
+    of images or paths. Each frame becomes one <image> of 729 slots; nothing is pooled."""
+    if isinstance(source, (list, tuple)):
+        frames = list(source)
+    elif os.path.isdir(source):
+        natural = lambda name: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+        frames = [os.path.join(source, name) for name in sorted(os.listdir(source), key=natural)
+                  if name.lower().endswith(FRAME_EXTENSIONS)]
+    else:
+        video = read_image_file(source)
+        frames = []
+        for index in sample_frame_indices(getattr(video, "n_frames", 1), num_frames):
+            video.seek(index)
+            frames.append(video.convert("RGB"))
+        return frames
+    if not frames:
+        raise InputError(f"no video frames in {source}: expected image files ({', '.join(FRAME_EXTENSIONS)})")
+    return [open_image(frames[i]) for i in sample_frame_indices(len(frames), num_frames)]
+
+
+# ==== 3. Text (§3, §5): tokenizer, ChatML template, conversations -> model inputs, training samples, packing
+
+IGNORE = -100   # the label of every position that carries no loss
+
+
+def load_tokenizer(path):
+    """The `tokenizers` Tokenizer of a checkpoint folder (its tokenizer.json)."""
+    from tokenizers import Tokenizer
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"no tokenizer.json in {path}: copy it from the release next to config.json")
+    try:
+        return Tokenizer.from_file(file)
+    except Exception as e:
+        raise CheckpointError(f"{file} is not a valid tokenizer file ({e}); download it again") from None
+
+
+def chat_segments(turns, system=SYSTEM_PROMPT, add_generation_prompt=None):
+    """The ChatML conversation (the release's qwen_1_5 template) as (text, is_reply) segments.
+
+    turns: (role, text) or (role, text, images), roles "user" and "assistant". A turn with images but no <image>
+    marker gets them in front of its text (the paper's "in-the-front" format); a turn with markers needs exactly one
+    per image. is_reply marks what the training loss sees: an assistant reply and its <|im_end|>.
+    """
+    segments = [(f"<|im_start|>system\n{system}<|im_end|>\n", False)]
+    for role, text, *images in turns:
+        markers = text.count(IMAGE_MARKER)
+        if images and images[0] and not markers:
+            text = IMAGE_MARKER * len(images[0]) + "\n" + text
+        elif images and markers != len(images[0]):   # a (role, text) turn is template text only: no check
+            raise InputError(f"a {role} turn has {markers} {IMAGE_MARKER} markers but {len(images[0])} images; put "
+                             f"one marker where each image goes, or none to put them all in front")
+        segments += [(f"<|im_start|>{role}\n", False), (text + "<|im_end|>", role == "assistant"), ("\n", False)]
+    if add_generation_prompt or (add_generation_prompt is None and turns[-1][0] == "user"):
+        segments.append(("<|im_start|>assistant\n", False))
+    return segments
+
+
+def chat_prompt(messages, system=SYSTEM_PROMPT):
+    """ChatML text for a question string or a list of turns, ending with an open assistant turn after the user's."""
+    turns = [("user", messages)] if isinstance(messages, str) else messages
+    return "".join(text for text, _ in chat_segments(turns, system))
+
+
+def encode_prompt(tokenizer, text, image_token_id, slots_per_image):
+    """Token ids for text with <image> markers: the text pieces are tokenized separately and each marker becomes
+    slots_per_image[i] image slots (an int means the same count for every image)."""
+    pieces = text.split(IMAGE_MARKER)
+    if isinstance(slots_per_image, int):
+        slots_per_image = [slots_per_image] * (len(pieces) - 1)
+    if len(slots_per_image) != len(pieces) - 1:
+        raise InputError(f"the prompt has {len(pieces) - 1} {IMAGE_MARKER} markers but {len(slots_per_image)} "
+                         "images were given; put one marker where each image goes")
+    ids = tokenizer.encode(pieces[0], add_special_tokens=False).ids
+    for n_slots, piece in zip(slots_per_image, pieces[1:]):
+        ids += [image_token_id] * n_slots + tokenizer.encode(piece, add_special_tokens=False).ids
+    return ids
+
+
+@dataclass
+class Sample:
+    """Model inputs for one conversation."""
+    input_ids: torch.Tensor        # (T,) with image_token_id at every image slot
+    labels: torch.Tensor           # (T,) the token where the loss applies, IGNORE elsewhere
+    pixel_values: torch.Tensor     # (views, 3, S, S) of all images in slot order, or None
+    image_sizes: list              # per image: None (plain) or its (w, h) (multi-patch)
+
+
+def build_inputs(turns, tokenizer, config, system=SYSTEM_PROMPT, anyres=False, add_generation_prompt=None):
+    """A conversation (see chat_segments; images as PIL images or paths) -> Sample. Multi-image, video frames and
+    3D views are all just several images; anyres cuts a conversation's single image into tiles (§4)."""
+    segments = chat_segments(turns, system, add_generation_prompt)
+    images = [image for _, _, *rest in turns for image in (rest[0] if rest else [])]
+    if anyres and len(images) != 1:
+        raise InputError(f"multi-patch (anyres) is for a single image; this conversation has {len(images)}")
+    images = [open_image(image) for image in images]
+    pixels = [preprocess(image, config, anyres) for image in images]
+    sizes = [image.size if anyres else None for image in images]
+    slots = [image_slots(config, size) for size in sizes]
+    ids, labels = [], []
+    for text, is_reply in segments:
+        n_images = text.count(IMAGE_MARKER)
+        piece = encode_prompt(tokenizer, text, config.image_token_id, slots[:n_images])
+        slots = slots[n_images:]
+        ids += piece
+        labels += [t if is_reply and t != config.image_token_id else IGNORE for t in piece]
+    return Sample(torch.tensor(ids), torch.tensor(labels), torch.cat(pixels) if pixels else None, sizes)
+
+
+def record_to_sample(record, image_folder, tokenizer, config, max_len=None, num_frames=16, anyres=False):
+    """An M4-Instruct / LLaVA record (§5) -> Sample, truncated to max_len tokens. Raises InputError for a record
+    that cannot be used (the caller skips and counts it)."""
+    try:
+        turns = [({"human": "user", "gpt": "assistant"}[turn["from"]], turn["value"])
+                 for turn in record["conversations"]]
+    except (KeyError, TypeError) as e:
+        raise InputError(f"record {record.get('id')!r} is malformed: {e!r}") from None
+    markers = [text.count(IMAGE_MARKER) for _, text in turns]
+    if "video" in record:   # the record's text has one <image> per sampled frame
+        images = read_video_frames(os.path.join(image_folder, record["video"]), sum(markers) or num_frames)
+    else:
+        images = record.get("image") or []
+        images = [os.path.join(image_folder, path) for path in ([images] if isinstance(images, str) else images)]
+    if sum(markers) not in (0, len(images)):
+        raise InputError(f"record {record.get('id')!r} has {sum(markers)} {IMAGE_MARKER} markers but "
+                         f"{len(images)} images")
+    if not sum(markers):    # no markers at all: every image goes in front of the first turn
+        markers[0] = len(images)
+    starts = np.cumsum([0] + markers).tolist()
+    turns = [(role, text, images[starts[i]:starts[i + 1]]) for i, (role, text) in enumerate(turns)]
+    sample = build_inputs(turns, tokenizer, config, anyres=anyres and len(images) == 1, add_generation_prompt=False)
+    return truncate(sample, max_len, config) if max_len else sample
+
+
+def truncate(sample, max_len, config):
+    """Cut a sample to max_len tokens in its text only: a cut inside an image's slots moves back to before that
+    image, and the images past the cut go with it. A sample with no answer left raises InputError."""
+    ids, cut = sample.input_ids, min(max_len, len(sample.input_ids))
+    slot = (ids == config.image_token_id).tolist() + [False]
+    while cut > 0 and slot[cut] and slot[cut - 1]:
+        cut -= 1
+    if not (sample.labels[:cut] != IGNORE).any():
+        raise InputError(f"sample of {len(ids)} tokens has no answer left within max_len {max_len}")
+    kept_slots, n_images, n_views = sum(slot[:cut]), 0, 0
+    while kept_slots > 0:
+        kept_slots -= image_slots(config, sample.image_sizes[n_images])
+        n_views += 1 if sample.image_sizes[n_images] is None else multipatch_layout(sample.image_sizes[n_images],
+                                                                                      config)[0]
+        n_images += 1
+    pixels = sample.pixel_values[:n_views] if n_images else None
+    return Sample(ids[:cut], sample.labels[:cut], pixels, sample.image_sizes[:n_images])
+
+
+@dataclass
+class Pack:
+    """Several samples in one sequence (B = 1) that never attend to each other (§5)."""
+    input_ids: torch.Tensor        # (1, T)
+    labels: torch.Tensor           # (1, T)
+    position_ids: torch.Tensor     # (1, T): restart at 0 for each sample
+    cu_seqlens: torch.Tensor       # (n + 1,) int32: sample boundaries, 0 .. T
+    pixel_values: torch.Tensor     # (views, 3, S, S) or None
+    image_sizes: list
+
+
+def pack_samples(samples, budget, verbose=True):
+    """Pack samples into sequences of at most budget tokens: first-fit, longest first. Prints the efficiency
+    (real tokens / (packs x budget)); there is no padding inside a pack."""
+    bins, room = [], []
+    for sample in sorted(samples, key=lambda sample: -len(sample.input_ids)):
+        n = len(sample.input_ids)
+        if n > budget:
+            raise InputError(f"a sample of {n} tokens exceeds the packing budget of {budget}; truncate it first")
+        j = next((j for j, free in enumerate(room) if free >= n), len(bins))
+        if j == len(bins):
+            bins.append([]), room.append(budget)
+        bins[j].append(sample)
+        room[j] -= n
+    packs = []
+    for group in bins:
+        lengths = [len(sample.input_ids) for sample in group]
+        pixels = [sample.pixel_values for sample in group if sample.pixel_values is not None]
+        packs.append(Pack(torch.cat([sample.input_ids for sample in group])[None],
+                          torch.cat([sample.labels for sample in group])[None],
+                          torch.cat([torch.arange(n) for n in lengths])[None],
+                          torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32),
+                          torch.cat(pixels) if pixels else None,
+                          [size for sample in group for size in sample.image_sizes]))
+    if verbose and packs:
+        real = sum(len(sample.input_ids) for sample in samples)
+        print(f"packed {len(samples)} samples into {len(packs)} sequences of {budget} tokens: "
+              f"{100 * real / (len(packs) * budget):.1f}% real tokens")
+    return packs
+
+
+# ==== 4. Attention: one function, three interchangeable paths
 
 ATTENTION_IMPLS = ("plain", "sdpa", "triton")
 
 
-def plain_attention(q, k, v, causal, scale):
-    """The explanation and the test oracle. q (B, H, Tq, D); k, v (B, Hkv, Tk, D).
+def visibility(tq, tk, causal, cu_seqlens, device):
+    """Which keys each query may see, (Tq, Tk) bool, or None when it sees them all.
 
-    Grouped-query attention: query head h reads kv head h // (H / Hkv). With a KV cache the Tq queries are the LAST
-    Tq positions of the Tk keys, so the causal mask is aligned bottom-right: query i sees key j iff j <= i + Tk - Tq.
+    Causal: with a KV cache the Tq queries are the LAST Tq of the Tk positions, so the mask is aligned bottom-right
+    (query i sees key j iff j <= i + Tk - Tq). Packed samples (cu_seqlens, the sample boundaries): a query sees only
+    keys of its own sample, so samples packed into one sequence never see each other.
+    """
+    visible = torch.ones(tq, tk, dtype=torch.bool, device=device).tril(tk - tq) if causal else None
+    if cu_seqlens is not None:
+        sample = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=device), cu_seqlens.diff())  # (T,)
+        same = sample[:, None] == sample[None, :]
+        visible = same if visible is None else visible & same
+    return visible
+
+
+def plain_attention(q, k, v, visible, scale):
+    """The explanation and the test oracle. q (B, H, Tq, D); k, v (B, Hkv, Tk, D); visible (Tq, Tk) or None.
+
+    Grouped-query attention: query head h reads kv head h // (H / Hkv).
     """
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)                                   # (B, H, Tk, D)
     v = v.repeat_interleave(group, dim=1)                                   # (B, H, Tk, D)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale              # (B, H, Tq, Tk)
-    if causal:
-        tq, tk = scores.shape[-2:]
-        visible = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+    if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
     probs = scores.softmax(dim=-1)                                          # softmax in float32 (§1)
     return (probs @ v.float()).to(q.dtype)                                  # (B, H, Tq, D)
 
 
-def attention(q, k, v, causal, impl, scale=None):
+def attention(q, k, v, causal, impl, scale=None, cu_seqlens=None):
     """Dispatch to impl: "plain" (above), "sdpa" (PyTorch's fused kernels) or "triton" (kernels.py)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if impl == "plain":
-        return plain_attention(q, k, v, causal, scale)
     (b, h, tq, d), tk = q.shape, k.shape[2]
+    if impl == "plain":
+        return plain_attention(q, k, v, visibility(tq, tk, causal, cu_seqlens, q.device), scale)
     if impl == "sdpa":
-        mask = None
-        if causal and tq > 1 and tq != tk:   # SDPA's is_causal aligns top-left; a cached prefill needs bottom-right
-            mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and tq == tk and tq > 1,
+        # SDPA's is_causal aligns the mask top-left: fine for Tq == Tk or one query, else pass the mask itself.
+        simple = cu_seqlens is None and (tq == tk or tq == 1)
+        mask = None if simple else visibility(tq, tk, causal, cu_seqlens, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=simple and causal and tq > 1,
                                               scale=scale, enable_gqa=True)
     if impl == "triton":
         import kernels  # the hand-written flash attention; the packed layout puts each batch row in its own segment
-        cu_q = torch.arange(0, (b + 1) * tq, tq, dtype=torch.int32, device=q.device)
-        cu_k = torch.arange(0, (b + 1) * tk, tk, dtype=torch.int32, device=q.device)
+        if cu_seqlens is None:   # each batch row becomes one segment of the packed layout
+            cu_q = torch.arange(0, (b + 1) * tq, tq, dtype=torch.int32, device=q.device)
+            cu_k = torch.arange(0, (b + 1) * tk, tk, dtype=torch.int32, device=q.device)
+        else:
+            cu_q = cu_k = cu_seqlens.to(torch.int32)
         out = kernels.attention(q.transpose(1, 2).reshape(b * tq, h, d),            # (B*Tq, H, D)
                                 k.transpose(1, 2).reshape(b * tk, k.shape[1], d),   # (B*Tk, Hkv, D)
                                 v.transpose(1, 2).reshape(b * tk, k.shape[1], d),
@@ -224,7 +544,7 @@ class SelfAttention(nn.Module):
         self.out_name = out_name
         setattr(self, out_name, nn.Linear(heads * head_dim, dim, bias=out_bias))
 
-    def forward(self, x, rotary=None, cache=None, layer=0, start=0):
+    def forward(self, x, rotary=None, cache=None, layer=0, start=0, cu_seqlens=None):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)        # (B, H, T, D)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)     # (B, Hkv, T, D)
@@ -233,12 +553,12 @@ class SelfAttention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)                                      # (B, Hkv, start + T, D)
-        out = attention(q, k, v, self.causal, self.impl)                                # (B, H, T, D)
+        out = attention(q, k, v, self.causal, self.impl, cu_seqlens=cu_seqlens)        # (B, H, T, D)
         out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)              # (B, T, H * D)
         return getattr(self, self.out_name)(out)
 
 
-# ==== 4. Vision transformer: SigLIP so400m-patch14-384, cut to the 26 stored layers, no pooling head (§1)
+# ==== 5. Vision transformer: SigLIP so400m-patch14-384, cut to the 26 stored layers, no pooling head (§1)
 
 class VisionBlock(nn.Module):
     """Pre-norm transformer block: x += attn(LN1(x)); x += fc2(gelu_tanh(fc1(LN2(x))))."""
@@ -284,7 +604,7 @@ class VisionTower(nn.Module):
         return x
 
 
-# ==== 5. Projector ("mlp2x_gelu"): Linear -> exact (erf) GELU -> Linear, from vision width to decoder width (§1)
+# ==== 6. Projector ("mlp2x_gelu"): Linear -> exact (erf) GELU -> Linear, from vision width to decoder width (§1)
 
 class Projector(nn.Module):
     def __init__(self, vision_dim, text_dim, bias=True):
@@ -296,7 +616,7 @@ class Projector(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x)))   # exact GELU here, unlike the tower's tanh form
 
 
-# ==== 6. Decoder: Qwen2 (Qwen1.5-Chat) with RMSNorm, rotary embeddings, GQA and a preallocated KV cache (§1)
+# ==== 7. Decoder: Qwen2 (Qwen1.5-Chat) with RMSNorm, rotary embeddings, GQA and a preallocated KV cache (§1)
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -351,8 +671,8 @@ class DecoderBlock(nn.Module):
         self.up_proj = nn.Linear(c.hidden, c.intermediate, bias=False)
         self.down_proj = nn.Linear(c.intermediate, c.hidden, bias=False)
 
-    def forward(self, x, rotary, cache, layer, start):
-        x = x + self.self_attn(self.input_layernorm(x), rotary, cache, layer, start)
+    def forward(self, x, rotary, cache, layer, start, cu_seqlens):
+        x = x + self.self_attn(self.input_layernorm(x), rotary, cache, layer, start, cu_seqlens)
         h = self.post_attention_layernorm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 
@@ -365,14 +685,14 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderBlock(c) for _ in range(c.layers))
         self.norm = RMSNorm(c.hidden, c.eps)
 
-    def forward(self, x, positions, cache=None, start=0):
+    def forward(self, x, positions, cache=None, start=0, cu_seqlens=None):
         rotary = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rotary, cache, i, start)
+            x = layer(x, rotary, cache, i, start, cu_seqlens)
         return self.norm(x)
 
 
-# ==== 7. The whole model: encode images, splice them into the token stream, decode, generate
+# ==== 8. The whole model: encode images, splice them into the token stream, decode, generate
 
 class LlavaInterleave(nn.Module):
     """LLaVA-NeXT-Interleave: SigLIP tower + mlp2x_gelu projector + Qwen2 decoder.
@@ -402,15 +722,48 @@ class LlavaInterleave(nn.Module):
                 module.impl = impl
         return self
 
-    def encode_image(self, pixels):
-        """Pixels (N, 3, S, S) -> (N * grid * grid, H): the projected vectors exactly as they are spliced in."""
-        if pixels.dim() != 4 or pixels.shape[1:] != (3, self.config.vision.image_size, self.config.vision.image_size):
-            size = self.config.vision.image_size
-            raise ValueError(f"pixel_values must have shape (N, 3, {size}, {size}); got {tuple(pixels.shape)}")
-        features = self.projector(self.vision(pixels))                     # (N, grid*grid, H)
-        return features.flatten(0, 1)                                      # (N * grid*grid, H)
+    def encode_image(self, pixels, image_size=None):
+        """The projected vectors exactly as they are spliced into the sequence, (n_slots, H).
 
-    def embed(self, input_ids, pixel_values=None):
+        Without image_size: pixels (N, 3, S, S) are N plain images, grid*grid vectors each. With image_size = (w, h)
+        of the original image: pixels are the views of ONE multi-patch image (base view, then the tiles, §4).
+        """
+        return self.encode_images(pixels, None if image_size is None else [image_size])
+
+    def encode_images(self, pixels, image_sizes=None):
+        """Features of several images whose views are stacked in pixels; image_sizes[i] is None for a plain image
+        and (w, h) for a multi-patch one. All views go through the tower in one batch."""
+        size = self.config.vision.image_size
+        if pixels.dim() != 4 or pixels.shape[1:] != (3, size, size):
+            raise ValueError(f"pixel_values must have shape (N, 3, {size}, {size}); got {tuple(pixels.shape)}")
+        views = self.projector(self.vision(pixels))                         # (views, grid*grid, H)
+        if image_sizes is None:
+            return views.flatten(0, 1)                                      # (views * grid*grid, H)
+        features, first = [], 0
+        for image_size in image_sizes:
+            n_views = 1 if image_size is None else multipatch_layout(image_size, self.config)[0]
+            features.append(views[first] if image_size is None else
+                            self.merge_tiles(views[first:first + n_views], image_size))
+            first += n_views
+        if first != len(views):
+            raise ValueError(f"image_sizes describe {first} views but pixel_values hold {len(views)}")
+        return torch.cat(features)
+
+    def merge_tiles(self, views, image_size):
+        """Multi-patch features (§4.4-4.6): base view first, then the tile grid, unpadded, with image_newline
+        closing every row. views (1 + rows*cols, s*s, H) -> (s*s + rows' * (cols' + 1), H)."""
+        if not self.config.has_image_newline:
+            raise ValueError(MULTIPATCH_NEEDS_NEWLINE)
+        _, rows, cols, (top, bottom, left, right) = multipatch_layout(image_size, self.config)
+        s, h = self.config.vision.image_size // self.config.vision.patch_size, views.shape[-1]
+        tiles = views[1:].view(rows, cols, s, s, h)                         # (rows, cols, s, s, H)
+        grid = tiles.permute(4, 0, 2, 1, 3).reshape(h, rows * s, cols * s)  # (H, rows*s, cols*s)
+        grid = grid[:, top:bottom, left:right]                              # unpad: drop the black border's rows/cols
+        newline = self.image_newline.to(grid.dtype)[:, None, None].expand(h, grid.shape[1], 1)
+        grid = torch.cat([grid, newline], dim=2)                            # (H, rows', cols' + 1)
+        return torch.cat([views[0], grid.flatten(1).T])                     # (s*s + rows' * (cols'+1), H)
+
+    def embed(self, input_ids, pixel_values=None, image_sizes=None):
         """Token embeddings with the image slots replaced, in order, by the image features (§3)."""
         slots = input_ids == self.config.image_token_id                   # (B, T)
         text_ids = input_ids.masked_fill(slots, 0)   # slot ids are never looked up: 151646 may lie past the vocab
@@ -424,23 +777,30 @@ class LlavaInterleave(nn.Module):
             if n_slots:
                 raise ValueError(f"input_ids have {n_slots} image slots but no pixel_values were given")
             return x
-        features = self.encode_image(pixel_values)
+        features = self.encode_images(pixel_values, image_sizes)
         if features.shape[0] != n_slots:
             per = self.config.vision.tokens
-            raise ValueError(f"input_ids have {n_slots} image slots but pixel_values give {features.shape[0]} "
-                             f"features ({pixel_values.shape[0]} images x {per}); put {per} slots per image")
+            raise ValueError(f"input_ids have {n_slots} image slots but the images give {features.shape[0]} "
+                             f"features ({pixel_values.shape[0]} views; {per} per plain image)")
         return x.masked_scatter(slots[..., None], features.to(x.dtype))   # row-major: the slot order
 
-    def forward(self, input_ids, pixel_values=None, cache=None, start=0):
-        """Logits (B, T, vocab). With a cache, input_ids are the tokens at positions start .. start+T-1."""
+    def forward(self, input_ids, pixel_values=None, image_sizes=None, position_ids=None, cu_seqlens=None,
+                cache=None, start=0):
+        """Logits (B, T, vocab). With a cache, input_ids are the tokens at positions start .. start+T-1.
+
+        Packed training sequences (B = 1): position_ids restart at 0 for each sample and cu_seqlens (n + 1,) holds
+        the sample boundaries, so attention stays inside each sample.
+        """
         b, t = input_ids.shape
-        positions = torch.arange(start, start + t, device=input_ids.device).expand(b, t)  # (B, T)
-        hidden = self.decoder(self.embed(input_ids, pixel_values), positions, cache, start)
+        if position_ids is None:
+            position_ids = torch.arange(start, start + t, device=input_ids.device).expand(b, t)  # (B, T)
+        hidden = self.decoder(self.embed(input_ids, pixel_values, image_sizes), position_ids, cache, start, cu_seqlens)
         return self.lm_head(hidden)
 
     @torch.no_grad()
-    def generate(self, input_ids, pixel_values=None, max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0,
-                 repetition_penalty=1.0, stop_ids=(151645, 151643), use_cache=True, generator=None, on_token=None):
+    def generate(self, input_ids, pixel_values=None, image_sizes=None, max_new_tokens=32, temperature=0.0, top_k=0,
+                 top_p=1.0, repetition_penalty=1.0, stop_ids=(151645, 151643), use_cache=True, generator=None,
+                 on_token=None):
         """New token ids (B, n), n <= max_new_tokens. Greedy unless temperature > 0.
 
         A row that emits a stop id keeps repeating it until every row has stopped. use_cache=False recomputes the
@@ -455,7 +815,7 @@ class LlavaInterleave(nn.Module):
         cache = KVCache(c.layers, b, c.kv_heads, total, c.head_dim, w.dtype, w.device) if use_cache else None
         sequence, new_tokens = input_ids, []
         finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        logits = self(input_ids, pixel_values, cache=cache)[:, -1]        # (B, vocab)
+        logits = self(input_ids, pixel_values, image_sizes, cache=cache)[:, -1]        # (B, vocab)
         for step in range(max_new_tokens):
             token = next_token(logits, sequence, temperature, top_k, top_p, repetition_penalty, generator,
                                self.config.image_token_id)
@@ -471,7 +831,7 @@ class LlavaInterleave(nn.Module):
             if use_cache:
                 logits = self(token[:, None], cache=cache, start=t + step)[:, -1]
             else:
-                logits = self(sequence, pixel_values)[:, -1]
+                logits = self(sequence, pixel_values, image_sizes)[:, -1]
         return torch.stack(new_tokens, dim=1) if new_tokens else input_ids.new_zeros(b, 0)
 
 
@@ -500,46 +860,6 @@ def next_token(logits, sequence, temperature=0.0, top_k=0, top_p=1.0, repetition
         drop[:, -1] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))  # unsort
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-
-
-# ==== 8. Tokenizer and chat template (§3): Qwen2 byte-level BPE from tokenizer.json, ChatML
-
-def load_tokenizer(path):
-    """The `tokenizers` Tokenizer of a checkpoint folder (its tokenizer.json)."""
-    from tokenizers import Tokenizer
-    file = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(file):
-        raise CheckpointError(f"no tokenizer.json in {path}: copy it from the release next to config.json")
-    try:
-        return Tokenizer.from_file(file)
-    except Exception as e:
-        raise CheckpointError(f"{file} is not a valid tokenizer file ({e}); download it again") from None
-
-
-def chat_prompt(messages, system=SYSTEM_PROMPT):
-    """ChatML text for a conversation: messages is a question string or a list of (role, text), roles "user" and
-    "assistant". Ends with an open assistant turn when the last message is the user's."""
-    if isinstance(messages, str):
-        messages = [("user", messages)]
-    text = f"<|im_start|>system\n{system}<|im_end|>\n"
-    for role, content in messages:
-        text += f"<|im_start|>{role}\n{content}<|im_end|>\n"
-    return text + ("<|im_start|>assistant\n" if messages[-1][0] == "user" else "")
-
-
-def encode_prompt(tokenizer, text, image_token_id, slots_per_image):
-    """Token ids for text with <image> markers: the text pieces are tokenized separately and each marker becomes
-    slots_per_image[i] image slots (an int means the same count for every image)."""
-    pieces = text.split(IMAGE_MARKER)
-    if isinstance(slots_per_image, int):
-        slots_per_image = [slots_per_image] * (len(pieces) - 1)
-    if len(slots_per_image) != len(pieces) - 1:
-        raise ValueError(f"the prompt has {len(pieces) - 1} {IMAGE_MARKER} markers but {len(slots_per_image)} "
-                         "images were given; put one marker where each image goes")
-    ids = tokenizer.encode(pieces[0], add_special_tokens=False).ids
-    for n_slots, piece in zip(slots_per_image, pieces[1:]):
-        ids += [image_token_id] * n_slots + tokenizer.encode(piece, add_special_tokens=False).ids
-    return ids
 
 
 # ==== 9. Loading released checkpoints: both layouts, single or sharded safetensors, memory-mapped (§2)

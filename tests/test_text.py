@@ -3,26 +3,13 @@ import os
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
 import interleave
-
-GOLDENS = os.path.join(os.path.dirname(__file__), "goldens")
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+from helpers import GOLDENS, write_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer_folder(tmp_path_factory):
-    """A small Qwen2-style byte-level BPE tokenizer.json (the real one cannot be downloaded here)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["You are a helpful assistant. Compare the two pictures, what changed?"] * 20, trainer)
-    folder = tmp_path_factory.mktemp("tok")
-    tok.save(str(folder / "tokenizer.json"))
-    return folder
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("tok"), vocab_size=400)
 
 
 def test_chat_template_is_qwen_1_5_chatml():
@@ -73,7 +60,7 @@ def test_splice_puts_image_features_in_slot_order(model):
 
 def test_splice_errors_name_both_counts(model):
     slot = model.config.image_token_id
-    with pytest.raises(ValueError, match="65 image slots but pixel_values give 64 features"):
+    with pytest.raises(ValueError, match="65 image slots but the images give 64 features"):
         model(torch.tensor([[1] + [slot] * 65]), torch.randn(1, 3, 120, 120))
     with pytest.raises(ValueError, match="64 image slots but no pixel_values"):
         model(torch.tensor([[1] + [slot] * 64]))
