@@ -5,8 +5,8 @@ transformer, a two-layer MLP projects each patch feature into the decoder's widt
 slots, and a Qwen2 decoder predicts the next token. Multi-image, video frames, 3D views and the tiles of one large
 image are all the same thing to the model: more slots in the stream. The file reads in that order:
 
-    config -> preprocessing -> attention -> vision transformer -> projector -> splice -> decoder -> generation
-    -> tokenizer/template -> checkpoint loader
+    config -> images (files, multi-patch tiles, video frames) -> text (template, conversations, training samples,
+    packing) -> attention -> vision transformer -> projector -> splice -> decoder -> generation -> checkpoint loader
 
 Facts about the released checkpoints (shapes, key names, traps) are in SPEC.md; the comments cite its sections (§).
 """
@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from tokenizers import Tokenizer
 
 # ==== 1. Configuration: small dataclasses, filled from either release's config.json
 
@@ -73,10 +74,7 @@ class ModelConfig:
     image_token_id: int = IMAGE_SLOT_ID
     projector_bias: bool = True
     grid_pinpoints: list = field(default_factory=lambda: list(GRID_PINPOINTS))
-
-    @property
-    def has_image_newline(self):         # only the original release carries `image_newline` (§4.7)
-        return self.layout == "original"
+    has_image_newline: bool = False      # only the original release carries `image_newline` (§4.7)
 
 
 class CheckpointError(ValueError):
@@ -127,20 +125,14 @@ def config_from_dict(cfg):
         ("hidden", "hidden_size"), ("intermediate", "intermediate_size"), ("heads", "num_attention_heads"),
         ("layers", "num_hidden_layers"), ("image_size", "image_size"), ("patch_size", "patch_size"),
         ("eps", "layer_norm_eps"), ("act", "hidden_act"))}, feature_layer=feature_layer)
-    hidden = _pick(text_cfg, "hidden_size", 4096)
-    heads = _pick(text_cfg, "num_attention_heads", 32)
-    tie = text_cfg.get("tie_word_embeddings", cfg.get("tie_word_embeddings"))  # the flag may sit in text_config
-    text = TextConfig(
-        hidden=hidden, heads=heads,
-        intermediate=_pick(text_cfg, "intermediate_size", 22016),
-        kv_heads=_pick(text_cfg, "num_key_value_heads", heads),
-        head_dim=_pick(text_cfg, "head_dim", hidden // heads),
-        layers=_pick(text_cfg, "num_hidden_layers", 32),
-        vocab=_pick(text_cfg, "vocab_size", 151936),
-        eps=_pick(text_cfg, "rms_norm_eps", 1e-6),
-        rope_theta=float(_pick(rope, "rope_theta", _pick(text_cfg, "rope_theta", 10000.0))),
-        max_positions=_pick(text_cfg, "max_position_embeddings", 32768),
-        tie_embeddings=bool(tie))
+    text = TextConfig(**{ours: _pick(text_cfg, theirs, getattr(TextConfig, ours)) for ours, theirs in (
+        ("hidden", "hidden_size"), ("intermediate", "intermediate_size"), ("heads", "num_attention_heads"),
+        ("layers", "num_hidden_layers"), ("vocab", "vocab_size"), ("eps", "rms_norm_eps"),
+        ("max_positions", "max_position_embeddings"))})
+    text.kv_heads = _pick(text_cfg, "num_key_value_heads", text.heads)       # none given: plain multi-head
+    text.head_dim = _pick(text_cfg, "head_dim", text.hidden // text.heads)
+    text.rope_theta = float(_pick(rope, "rope_theta", _pick(text_cfg, "rope_theta", TextConfig.rope_theta)))
+    text.tie_embeddings = bool(text_cfg.get("tie_word_embeddings", cfg.get("tie_word_embeddings")))  # either place
     if text.heads % text.kv_heads:
         raise CheckpointError(f"num_attention_heads {text.heads} is not a multiple of num_key_value_heads "
                               f"{text.kv_heads}")
@@ -149,7 +141,7 @@ def config_from_dict(cfg):
         if act not in known:
             raise CheckpointError(f"{name} hidden_act {act!r} is not supported (expected one of {known})")
     return ModelConfig(
-        vision=vision, text=text, layout=layout,
+        vision=vision, text=text, layout=layout, has_image_newline=layout == "original",
         image_token_id=_pick(cfg, "image_token_index", _pick(cfg, "image_token_id", IMAGE_SLOT_ID)),
         projector_bias=cfg.get("multimodal_projector_bias", True),
         grid_pinpoints=_pick(cfg, "image_grid_pinpoints", list(GRID_PINPOINTS)))
@@ -237,6 +229,11 @@ def image_slots(config, image_size=None):
     return config.vision.tokens + (bottom - top) * (right - left + 1)   # 1000x1000 at 384: 729 + 54 * 55 = 3699
 
 
+def image_views(config, image_size=None):
+    """Views one image sends through the tower: 1 plain; base + tiles multi-patch."""
+    return 1 if image_size is None else multipatch_layout(image_size, config)[0]
+
+
 def multipatch_views(image, config):
     """§4.2-4.3: the base view (the whole image) and the tiles of the image fitted onto a black canvas, row-major."""
     tile, (w0, h0) = config.vision.image_size, image.size
@@ -300,7 +297,6 @@ IGNORE = -100   # the label of every position that carries no loss
 
 def load_tokenizer(path):
     """The `tokenizers` Tokenizer of a checkpoint folder (its tokenizer.json)."""
-    from tokenizers import Tokenizer
     file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(file):
         raise CheckpointError(f"no tokenizer.json in {path}: copy it from the release next to config.json")
@@ -354,11 +350,13 @@ def encode_prompt(tokenizer, text, image_token_id, slots_per_image):
 
 @dataclass
 class Sample:
-    """Model inputs for one conversation."""
+    """Model inputs for one conversation, or for several packed into one sequence that never see each other."""
     input_ids: torch.Tensor        # (T,) with image_token_id at every image slot
     labels: torch.Tensor           # (T,) the token where the loss applies, IGNORE elsewhere
     pixel_values: torch.Tensor     # (views, 3, S, S) of all images in slot order, or None
     image_sizes: list              # per image: None (plain) or its (w, h) (multi-patch)
+    position_ids: torch.Tensor = None   # packed: (T,) restarting at 0 for each sample
+    cu_seqlens: torch.Tensor = None     # packed: (n + 1,) int32 sample boundaries 0 .. T
 
 
 def build_inputs(turns, tokenizer, config, system=SYSTEM_PROMPT, anyres=False, add_generation_prompt=None):
@@ -391,8 +389,10 @@ def record_to_sample(record, image_folder, tokenizer, config, max_len=None, num_
     except (KeyError, TypeError) as e:
         raise InputError(f"record {record.get('id')!r} is malformed: {e!r}") from None
     markers = [text.count(IMAGE_MARKER) for _, text in turns]
-    if "video" in record:   # the record's text has one <image> per sampled frame
+    if "video" in record:   # one <image> per frame; a short video has fewer, so its frames go in front instead
         images = read_video_frames(os.path.join(image_folder, record["video"]), sum(markers) or num_frames)
+        turns = [(role, text.replace(IMAGE_MARKER, "").lstrip("\n")) for role, text in turns]
+        markers = [0] * len(turns)
     else:
         images = record.get("image") or []
         images = [os.path.join(image_folder, path) for path in ([images] if isinstance(images, str) else images)]
@@ -416,30 +416,18 @@ def truncate(sample, max_len, config):
         cut -= 1
     if not (sample.labels[:cut] != IGNORE).any():
         raise InputError(f"sample of {len(ids)} tokens has no answer left within max_len {max_len}")
-    kept_slots, n_images, n_views = sum(slot[:cut]), 0, 0
+    kept_slots, n_images = sum(slot[:cut]), 0
     while kept_slots > 0:
         kept_slots -= image_slots(config, sample.image_sizes[n_images])
-        n_views += 1 if sample.image_sizes[n_images] is None else multipatch_layout(sample.image_sizes[n_images],
-                                                                                      config)[0]
         n_images += 1
-    pixels = sample.pixel_values[:n_views] if n_images else None
-    return Sample(ids[:cut], sample.labels[:cut], pixels, sample.image_sizes[:n_images])
-
-
-@dataclass
-class Pack:
-    """Several samples in one sequence (B = 1) that never attend to each other (§5)."""
-    input_ids: torch.Tensor        # (1, T)
-    labels: torch.Tensor           # (1, T)
-    position_ids: torch.Tensor     # (1, T): restart at 0 for each sample
-    cu_seqlens: torch.Tensor       # (n + 1,) int32: sample boundaries, 0 .. T
-    pixel_values: torch.Tensor     # (views, 3, S, S) or None
-    image_sizes: list
+    n_views = sum(image_views(config, size) for size in sample.image_sizes[:n_images])
+    return Sample(ids[:cut], sample.labels[:cut], sample.pixel_values[:n_views] if n_images else None,
+                  sample.image_sizes[:n_images])
 
 
 def pack_samples(samples, budget, verbose=True):
-    """Pack samples into sequences of at most budget tokens: first-fit, longest first. Prints the efficiency
-    (real tokens / (packs x budget)); there is no padding inside a pack."""
+    """Pack samples into Samples of at most budget tokens, with position_ids and cu_seqlens (§5): first-fit,
+    longest first, no padding. Prints the efficiency: real tokens / (packs x budget)."""
     bins, room = [], []
     for sample in sorted(samples, key=lambda sample: -len(sample.input_ids)):
         n = len(sample.input_ids)
@@ -454,12 +442,12 @@ def pack_samples(samples, budget, verbose=True):
     for group in bins:
         lengths = [len(sample.input_ids) for sample in group]
         pixels = [sample.pixel_values for sample in group if sample.pixel_values is not None]
-        packs.append(Pack(torch.cat([sample.input_ids for sample in group])[None],
-                          torch.cat([sample.labels for sample in group])[None],
-                          torch.cat([torch.arange(n) for n in lengths])[None],
-                          torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32),
-                          torch.cat(pixels) if pixels else None,
-                          [size for sample in group for size in sample.image_sizes]))
+        packs.append(Sample(torch.cat([sample.input_ids for sample in group]),
+                            torch.cat([sample.labels for sample in group]),
+                            torch.cat(pixels) if pixels else None,
+                            [size for sample in group for size in sample.image_sizes],
+                            position_ids=torch.cat([torch.arange(n) for n in lengths]),
+                            cu_seqlens=torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32)))
     if verbose and packs:
         real = sum(len(sample.input_ids) for sample in samples)
         print(f"packed {len(samples)} samples into {len(packs)} sequences of {budget} tokens: "
@@ -741,7 +729,7 @@ class LlavaInterleave(nn.Module):
             return views.flatten(0, 1)                                      # (views * grid*grid, H)
         features, first = [], 0
         for image_size in image_sizes:
-            n_views = 1 if image_size is None else multipatch_layout(image_size, self.config)[0]
+            n_views = image_views(self.config, image_size)
             features.append(views[first] if image_size is None else
                             self.merge_tiles(views[first:first + n_views], image_size))
             first += n_views
@@ -813,26 +801,24 @@ class LlavaInterleave(nn.Module):
                              f"{self.config.text.max_positions} positions; shorten the prompt or ask for fewer tokens")
         c, w = self.config.text, self.decoder.embed_tokens.weight
         cache = KVCache(c.layers, b, c.kv_heads, total, c.head_dim, w.dtype, w.device) if use_cache else None
-        sequence, new_tokens = input_ids, []
+        sequence, stop = input_ids, torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
         finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
         logits = self(input_ids, pixel_values, image_sizes, cache=cache)[:, -1]        # (B, vocab)
         for step in range(max_new_tokens):
             token = next_token(logits, sequence, temperature, top_k, top_p, repetition_penalty, generator,
                                self.config.image_token_id)
-            if new_tokens:   # stopped rows repeat their stop id
-                token = torch.where(finished, new_tokens[-1], token)
-            new_tokens.append(token)
+            token = torch.where(finished, sequence[:, -1], token)        # a stopped row repeats its stop id
             sequence = torch.cat([sequence, token[:, None]], dim=1)
             if on_token is not None:
                 on_token(token)
-            finished |= torch.isin(token, torch.tensor(list(stop_ids), dtype=torch.long, device=token.device))
+            finished |= torch.isin(token, stop)
             if finished.all() or step == max_new_tokens - 1:
                 break
             if use_cache:
                 logits = self(token[:, None], cache=cache, start=t + step)[:, -1]
             else:
                 logits = self(sequence, pixel_values, image_sizes)[:, -1]
-        return torch.stack(new_tokens, dim=1) if new_tokens else input_ids.new_zeros(b, 0)
+        return sequence[:, t:]
 
 
 def next_token(logits, sequence, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, generator=None,
@@ -866,11 +852,9 @@ def next_token(logits, sequence, temperature=0.0, top_k=0, top_p=1.0, repetition
 
 # Checkpoint key prefix -> our module path. Checked in order; the last rule catches the original decoder keys.
 KEY_PREFIXES = [
-    ("model.vision_tower.vision_tower.vision_model.", "vision."),   # original (lmms-lab)
-    ("vision_tower.vision_model.", "vision."),                       # hub HF layout
-    ("vision_tower.", "vision."),                                    # transformers 5 save_pretrained
-    ("model.vision_tower.vision_model.", "vision."),                 # newer transformers
-    ("model.vision_tower.", "vision."),
+    ("model.vision_tower.vision_tower.", "vision."),                 # original (lmms-lab)
+    ("vision_tower.", "vision."),                                    # hub HF layout, transformers 5
+    ("model.vision_tower.", "vision."),                              # newer transformers
     ("model.mm_projector.0.", "projector.linear_1."),
     ("model.mm_projector.2.", "projector.linear_2."),
     ("multi_modal_projector.", "projector."),
@@ -882,8 +866,9 @@ KEY_PREFIXES = [
     ("lm_head.", "lm_head."),
     ("model.", "decoder."),
 ]
-# Our modules are flatter than the checkpoints: SigLIP's embeddings./encoder. and Qwen2's self_attn/mlp nesting.
-KEY_INFIXES = [("vision.embeddings.", "vision."), ("vision.encoder.", "vision."), (".mlp.", ".")]
+# Our modules are flatter than the checkpoints: SigLIP's vision_model./embeddings./encoder. and Qwen2's mlp. nesting.
+KEY_INFIXES = [("vision.vision_model.", "vision."), ("vision.embeddings.", "vision."), ("vision.encoder.", "vision."),
+               (".mlp.", ".")]
 
 
 def our_key(key):
@@ -934,11 +919,8 @@ def open_safetensors(file):
         nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
         if end - begin != nbytes or begin < 0 or data_start + end > size:
             raise corrupt(f"{name} needs bytes {begin}..{end} of the data, which the file does not hold")
-        if nbytes == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-            continue
-        tensors[name] = torch.frombuffer(mapped, dtype=dtype, count=math.prod(shape),
-                                         offset=data_start + begin).view(shape)
+        tensors[name] = torch.frombuffer(mapped, dtype=dtype, count=math.prod(shape), offset=data_start + begin
+                                         ).view(shape) if nbytes else torch.empty(shape, dtype=dtype)
     return tensors
 
 
@@ -947,7 +929,8 @@ def read_checkpoint_tensors(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         try:
-            weight_map = json.load(open(index))["weight_map"]
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
         except (OSError, ValueError, KeyError) as e:
             raise CheckpointError(f"{index} is unreadable ({e}); download it again") from None
         tensors = {}

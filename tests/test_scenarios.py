@@ -92,6 +92,38 @@ def test_multipatch_views_are_base_then_tiles_on_black():
     assert torch.all(pixels[1:, :, 21:19 + 344] == 1.0)
 
 
+ANYRES = sorted(json.load(open(golden_path("anyres", "meta.json")))["images"].items())
+
+
+@pytest.fixture(scope="module")
+def anyres_model():
+    return interleave.load(golden_path("anyres", "original"))
+
+
+@pytest.mark.parametrize("name, info", ANYRES, ids=[name for name, _ in ANYRES])
+def test_multipatch_matches_reference_or_the_original_rule(anyres_model, name, info):
+    """Views and spliced features of tests/goldens/make_anyres_goldens.py: transformers' LLaVA-NeXT where it follows
+    the original release; where it departs (SPEC §4 "!"), the golden maker's re-derivation of the original rule."""
+    g = golden("anyres")
+    key = name if info["fair_comparison"] else f"{name}.original_rule"
+    image = Image.open(golden_path("anyres", info["file"]))
+    assert image.size == tuple(info["size_wh"])
+    pixels = interleave.preprocess(image, anyres_model.config, anyres=True)
+    u8 = g.get(f"{key}.pixel_values_uint8", g[f"{name}.pixel_values_uint8"])
+    assert torch.equal(pixels, (u8.float() / 255 - 0.5) / 0.5)
+    with torch.no_grad():
+        features = anyres_model.encode_image(pixels, image_size=image.size)
+    assert features.shape[0] == info["original_rule"]["tokens"] == interleave.image_slots(anyres_model.config,
+                                                                                           image.size)
+    ref = g[f"{key}.features"]
+    assert (features - ref).abs().max() <= 1e-5 + 2e-6 * ref.abs().max()
+
+
+def golden(variant):
+    from safetensors.torch import load_file
+    return load_file(golden_path(variant, "golden.safetensors"))
+
+
 def test_hf_checkpoint_refuses_multipatch():
     config = interleave.load(golden_path("tied", "hf")).config
     with pytest.raises(interleave.InputError, match="only the original lmms-lab release carries"):
@@ -222,6 +254,21 @@ def test_record_to_sample_and_truncation(model, tok, tmp_path):
         interleave.record_to_sample(record, tmp_path, tok, model.config)
 
 
+def test_video_record_with_fewer_frames_than_markers(model, tok, tmp_path):
+    (tmp_path / "clip").mkdir()
+    for i in range(5):
+        noise(16, 16, i).save(tmp_path / "clip" / f"{i}.jpg")
+    record = {"id": "v", "video": "clip", "conversations": [
+        {"from": "human", "value": "<image>" * 16 + "\nWhere does the dot go?"}, {"from": "gpt", "value": "left"}]}
+    sample = interleave.record_to_sample(record, tmp_path, tok, model.config)
+    (start, n), = slot_runs(sample.input_ids.tolist(), model.config.image_token_id)
+    assert n == 5 * 64 and sample.pixel_values.shape[0] == 5               # all 5 frames, one run, in front
+    assert tok.decode(sample.input_ids[start + n:].tolist()).startswith("\nWhere does the dot go?")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(interleave.InputError, match="no video frames"):
+        interleave.record_to_sample({**record, "video": "empty"}, tmp_path, tok, model.config)
+
+
 def test_truncation_never_cuts_through_an_image(model, tok):
     turns = [("user", "<image> first", [noise(20, 20, 1)]), ("assistant", "one"),
              ("user", "<image> second", [noise(20, 20, 2)]), ("assistant", "two")]
@@ -242,9 +289,10 @@ def test_packed_logits_equal_each_sample_alone(model, tok, attn):
                interleave.build_inputs([("user", "hello there")], tok, model.config),
                interleave.build_inputs([("user", "compare", [noise(30, 30, 2), noise(30, 30, 3)])], tok, model.config)]
     pack, = interleave.pack_samples(samples, budget=400)
-    assert pack.cu_seqlens.dtype == torch.int32 and pack.cu_seqlens[-1] == pack.input_ids.shape[1]
+    assert pack.cu_seqlens.dtype == torch.int32 and pack.cu_seqlens[-1] == len(pack.input_ids)
     with torch.no_grad():
-        packed = model(pack.input_ids, pack.pixel_values, pack.image_sizes, pack.position_ids, pack.cu_seqlens)[0]
+        packed = model(pack.input_ids[None], pack.pixel_values, pack.image_sizes, pack.position_ids[None],
+                       pack.cu_seqlens)[0]
         order = sorted(samples, key=lambda s: -len(s.input_ids))     # the packer places the longest first
         for i, sample in enumerate(order):
             alone = model(sample.input_ids[None], sample.pixel_values, sample.image_sizes)[0]
@@ -258,8 +306,8 @@ def test_packing_fills_the_budget(capsys):
     samples = [interleave.Sample(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), None, [])
                for n in rng.integers(50, 900, 400)]
     packs = interleave.pack_samples(samples, budget=2048)
-    assert all(p.input_ids.shape[1] <= 2048 for p in packs)
-    assert sum(p.input_ids.shape[1] for p in packs) == sum(len(s.input_ids) for s in samples)
+    assert all(len(p.input_ids) <= 2048 for p in packs)
+    assert sum(len(p.input_ids) for p in packs) == sum(len(s.input_ids) for s in samples)
     assert "% real tokens" in capsys.readouterr().out
     assert sum(len(s.input_ids) for s in samples) / (len(packs) * 2048) >= 0.95
     with pytest.raises(interleave.InputError, match="exceeds the packing budget"):
