@@ -134,8 +134,7 @@ def config_from_dict(cfg):
     text.rope_theta = float(_pick(rope, "rope_theta", _pick(text_cfg, "rope_theta", TextConfig.rope_theta)))
     text.tie_embeddings = bool(text_cfg.get("tie_word_embeddings", cfg.get("tie_word_embeddings")))  # either place
     if text.heads % text.kv_heads:
-        raise CheckpointError(f"num_attention_heads {text.heads} is not a multiple of num_key_value_heads "
-                              f"{text.kv_heads}")
+        raise CheckpointError(f"num_attention_heads {text.heads} is not a multiple of kv heads {text.kv_heads}")
     for name, act, known in (("text", text_cfg.get("hidden_act", "silu"), ("silu",)),
                              ("vision", vision.act, ("gelu_pytorch_tanh", "gelu"))):
         if act not in known:
@@ -397,8 +396,7 @@ def record_to_sample(record, image_folder, tokenizer, config, max_len=None, num_
         images = record.get("image") or []
         images = [os.path.join(image_folder, path) for path in ([images] if isinstance(images, str) else images)]
     if sum(markers) not in (0, len(images)):
-        raise InputError(f"record {record.get('id')!r} has {sum(markers)} {IMAGE_MARKER} markers but "
-                         f"{len(images)} images")
+        raise InputError(f"record {record.get('id')!r} has {sum(markers)} {IMAGE_MARKER} markers, {len(images)} images")
     if not sum(markers):    # no markers at all: every image goes in front of the first turn
         markers[0] = len(images)
     starts = np.cumsum([0] + markers).tolist()
@@ -595,6 +593,8 @@ class VisionTower(nn.Module):
 # ==== 6. Projector ("mlp2x_gelu"): Linear -> exact (erf) GELU -> Linear, from vision width to decoder width (§1)
 
 class Projector(nn.Module):
+    """Maps each vision feature to one decoder-width vector, which then fills one image slot."""
+
     def __init__(self, vision_dim, text_dim, bias=True):
         super().__init__()
         self.linear_1 = nn.Linear(vision_dim, text_dim, bias=bias)
@@ -666,6 +666,8 @@ class DecoderBlock(nn.Module):
 
 
 class Decoder(nn.Module):
+    """Embeddings are looked up by the caller (image slots are spliced in first); this runs the blocks and norm."""
+
     def __init__(self, c: TextConfig):
         super().__init__()
         self.config = c
@@ -683,11 +685,8 @@ class Decoder(nn.Module):
 # ==== 8. The whole model: encode images, splice them into the token stream, decode, generate
 
 class LlavaInterleave(nn.Module):
-    """LLaVA-NeXT-Interleave: SigLIP tower + mlp2x_gelu projector + Qwen2 decoder.
-
-    input_ids (B, T) carry config.image_token_id at every image slot; pixel_values (N, 3, S, S) are the images in
-    slot order, each giving grid*grid slots (729 for the releases).
-    """
+    """LLaVA-NeXT-Interleave: SigLIP tower + mlp2x_gelu projector + Qwen2 decoder. input_ids (B, T) carry
+    config.image_token_id at every image slot; pixel_values (N, 3, S, S) hold the images in slot order."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -882,8 +881,7 @@ def our_key(key):
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
 
 
 def open_safetensors(file):
@@ -945,8 +943,7 @@ def read_checkpoint_tensors(path):
         return tensors
     single = os.path.join(path, "model.safetensors")
     if not os.path.isfile(single):
-        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}; found "
-                              f"{sorted(os.listdir(path))}")
+        raise CheckpointError(f"no model.safetensors(.index.json) in {path}; it holds {sorted(os.listdir(path))}")
     return open_safetensors(single)
 
 
