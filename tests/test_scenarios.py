@@ -250,7 +250,7 @@ def test_record_to_sample_and_truncation(model, tok, tmp_path):
     with pytest.raises(interleave.InputError, match="no answer left"):
         interleave.truncate(full, start + 100, model.config)          # would cut through the second image
     record["conversations"][0]["value"] = "<image>\nWhich one differs?"
-    with pytest.raises(interleave.InputError, match="has 1 <image> markers but 3 images"):
+    with pytest.raises(interleave.InputError, match="has 1 <image> markers, 3 images"):
         interleave.record_to_sample(record, tmp_path, tok, model.config)
 
 
