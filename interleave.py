@@ -78,7 +78,7 @@ class ModelConfig:
 
 
 class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be loaded; the message says what is wrong and how to fix it."""
+    """A checkpoint that cannot be loaded; the message says what is wrong and how to fix it."""
 
 
 def _pick(d, key, default):
@@ -459,9 +459,7 @@ ATTENTION_IMPLS = ("plain", "sdpa", "triton")
 
 
 def visibility(tq, tk, causal, cu_seqlens, device):
-    """Which keys each query may see, (Tq, Tk) bool, or None when it sees them all.
-
-    Causal: with a KV cache the Tq queries are the LAST Tq of the Tk positions, so the mask is aligned bottom-right
+    """Which keys each query may see, (Tq, Tk) bool, or None when it sees them all. Causal: with a KV cache the Tq queries are the LAST Tq of the Tk positions, so the mask is aligned bottom-right
     (query i sees key j iff j <= i + Tk - Tq). Packed samples (cu_seqlens, the sample boundaries): a query sees only
     keys of its own sample, so samples packed into one sequence never see each other.
     """
@@ -972,6 +970,8 @@ def load(path, device=None, dtype=None, attn=None):
     stored = {our_key(k): t for k, t in read_checkpoint_tensors(path).items()}
     # The releases store 26 SigLIP layers of so400m's 27; the model has exactly the layers the checkpoint holds.
     config.vision.layers = len({k.split(".")[2] for k in stored if k.startswith("vision.layers.")})
+    # An HF-layout checkpoint of a model trained with multi-patch (train.py) stores `image_newline` as an extra key.
+    config.has_image_newline = config.has_image_newline or "image_newline" in stored
     with torch.device("meta"):
         model = LlavaInterleave(config)
     expected = dict(model.state_dict())

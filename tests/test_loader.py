@@ -126,3 +126,12 @@ def test_sharded_checkpoint_with_a_missing_shard(tmp_path):
     assert len(interleave.load(folder).vision.layers) == 3           # loads as it is
     os.remove(folder / "model-00002-of-00003.safetensors")
     assert "shard model-00002-of-00003.safetensors listed in" in load_error(folder)
+
+
+def test_hf_layout_with_an_image_newline_key_allows_multipatch(tmp_path):
+    """train.py stores `image_newline` as an extra key of the HF layout (transformers ignores it)."""
+    folder = copy_checkpoint(tmp_path, "tied", "hf")
+    assert not interleave.load(folder).config.has_image_newline
+    rewrite_weights(folder, lambda t: t.update(image_newline=torch.randn(64)))
+    model = interleave.load(folder)
+    assert model.config.has_image_newline and model.image_newline.shape == (64,)
