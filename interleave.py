@@ -721,18 +721,14 @@ class LlavaInterleave(nn.Module):
         size = self.config.vision.image_size
         if pixels.dim() != 4 or pixels.shape[1:] != (3, size, size):
             raise ValueError(f"pixel_values must have shape (N, 3, {size}, {size}); got {tuple(pixels.shape)}")
+        n_views = [image_views(self.config, image_size) for image_size in image_sizes or []]
+        if image_sizes is not None and sum(n_views) != len(pixels):
+            raise ValueError(f"image_sizes describe {sum(n_views)} views but pixel_values hold {len(pixels)}")
         views = self.projector(self.vision(pixels))                         # (views, grid*grid, H)
         if image_sizes is None:
             return views.flatten(0, 1)                                      # (views * grid*grid, H)
-        features, first = [], 0
-        for image_size in image_sizes:
-            n_views = image_views(self.config, image_size)
-            features.append(views[first] if image_size is None else
-                            self.merge_tiles(views[first:first + n_views], image_size))
-            first += n_views
-        if first != len(views):
-            raise ValueError(f"image_sizes describe {first} views but pixel_values hold {len(views)}")
-        return torch.cat(features)
+        return torch.cat([image[0] if image_size is None else self.merge_tiles(image, image_size)
+                          for image, image_size in zip(views.split(n_views), image_sizes)])
 
     def merge_tiles(self, views, image_size):
         """Multi-patch features (§4.4-4.6): base view first, then the tile grid, unpadded, with image_newline
