@@ -721,6 +721,8 @@ class LlavaInterleave(nn.Module):
         size = self.config.vision.image_size
         if pixels.dim() != 4 or pixels.shape[1:] != (3, size, size):
             raise ValueError(f"pixel_values must have shape (N, 3, {size}, {size}); got {tuple(pixels.shape)}")
+        if any(image_size is not None for image_size in image_sizes or []) and not self.config.has_image_newline:
+            raise ValueError(MULTIPATCH_NEEDS_NEWLINE)
         n_views = [image_views(self.config, image_size) for image_size in image_sizes or []]
         if image_sizes is not None and sum(n_views) != len(pixels):
             raise ValueError(f"image_sizes describe {sum(n_views)} views but pixel_values hold {len(pixels)}")
@@ -733,8 +735,6 @@ class LlavaInterleave(nn.Module):
     def merge_tiles(self, views, image_size):
         """Multi-patch features (§4.4-4.6): base view first, then the tile grid, unpadded, with image_newline
         closing every row. views (1 + rows*cols, s*s, H) -> (s*s + rows' * (cols' + 1), H)."""
-        if not self.config.has_image_newline:
-            raise ValueError(MULTIPATCH_NEEDS_NEWLINE)
         _, rows, cols, (top, bottom, left, right) = multipatch_layout(image_size, self.config)
         s, h = self.config.vision.image_size // self.config.vision.patch_size, views.shape[-1]
         tiles = views[1:].view(rows, cols, s, s, h)                         # (rows, cols, s, s, H)

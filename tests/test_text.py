@@ -66,7 +66,7 @@ def test_splice_errors_name_both_counts(model):
         model(torch.tensor([[1] + [slot] * 64]))
     with pytest.raises(ValueError, match=r"pixel_values must have shape \(N, 3, 120, 120\)"):
         model(torch.tensor([[1] + [slot] * 64]), torch.randn(1, 3, 384, 384))
-    with pytest.raises(ValueError, match="image_sizes describe 3 views but pixel_values hold 1"):
+    with pytest.raises(ValueError, match="image_sizes describe 19 views but pixel_values hold 1"):
         model(torch.tensor([[1] + [slot] * 64]), torch.randn(1, 3, 120, 120), image_sizes=[(30, 20)])
     with pytest.raises(ValueError, match="outside \\[0, 320\\)"):
         model(torch.tensor([[1, 320]]))
