@@ -459,10 +459,9 @@ ATTENTION_IMPLS = ("plain", "sdpa", "triton")
 
 
 def visibility(tq, tk, causal, cu_seqlens, device):
-    """Which keys each query may see, (Tq, Tk) bool, or None when it sees them all. Causal: with a KV cache the Tq queries are the LAST Tq of the Tk positions, so the mask is aligned bottom-right
-    (query i sees key j iff j <= i + Tk - Tq). Packed samples (cu_seqlens, the sample boundaries): a query sees only
-    keys of its own sample, so samples packed into one sequence never see each other.
-    """
+    """Which keys each query may see, (Tq, Tk) bool, or None when it sees them all. Causal: with a KV cache the
+    Tq queries are the LAST Tq of the Tk positions, so the mask is aligned bottom-right (query i sees key j iff
+    j <= i + Tk - Tq). Packed samples (cu_seqlens, the sample boundaries): a query sees only its own sample's keys."""
     visible = torch.ones(tq, tk, dtype=torch.bool, device=device).tril(tk - tq) if causal else None
     if cu_seqlens is not None:
         sample = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=device), cu_seqlens.diff())  # (T,)
@@ -955,13 +954,16 @@ def read_config(path):
 
 
 def load(path, device=None, dtype=None, attn=None):
-    """Build the model for a checkpoint folder in either release layout and load its weights.
+    """Build the model for a checkpoint folder (or hub id) in either release layout and load its weights.
 
     device: default cpu. dtype: default the checkpoint's own (bf16 for the releases); other dtypes are cast tensor by
     tensor, straight from the file. attn: "plain", "sdpa" or "triton" (default: triton on CUDA, sdpa elsewhere).
     On the CPU with the stored dtype the parameters stay views of the memory-mapped file: one copy, paged in lazily.
     """
     path = os.fspath(path)
+    if not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path):   # a hub id: the local cache or a download
+        import hub
+        path = hub.snapshot(path)
     config = read_config(path)
     stored = {our_key(k): t for k, t in read_checkpoint_tensors(path).items()}
     # The releases store 26 SigLIP layers of so400m's 27; the model has exactly the layers the checkpoint holds.
