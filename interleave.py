@@ -765,8 +765,9 @@ class LlavaInterleave(nn.Module):
         return x.masked_scatter(slots[..., None], features.to(x.dtype))   # row-major: the slot order
 
     def forward(self, input_ids, pixel_values=None, image_sizes=None, position_ids=None, cu_seqlens=None,
-                cache=None, start=0):
-        """Logits (B, T, vocab). With a cache, input_ids are the tokens at positions start .. start+T-1.
+                cache=None, start=0, last_only=False):
+        """Logits (B, T, vocab), or (B, 1, vocab) with last_only. With a cache, input_ids are the tokens at positions
+        start .. start+T-1.
 
         Packed training sequences (B = 1): position_ids restart at 0 for each sample and cu_seqlens (n + 1,) holds
         the sample boundaries, so attention stays inside each sample.
@@ -775,7 +776,7 @@ class LlavaInterleave(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(start, start + t, device=input_ids.device).expand(b, t)  # (B, T)
         hidden = self.decoder(self.embed(input_ids, pixel_values, image_sizes), position_ids, cache, start, cu_seqlens)
-        return self.lm_head(hidden)
+        return self.lm_head(hidden[:, -1:] if last_only else hidden)   # a long prompt's logits are large: skip them
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, image_sizes=None, max_new_tokens=32, temperature=0.0, top_k=0,
@@ -795,7 +796,7 @@ class LlavaInterleave(nn.Module):
         cache = KVCache(c.layers, b, c.kv_heads, total, c.head_dim, w.dtype, w.device) if use_cache else None
         sequence, stop = input_ids, torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
         finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        logits = self(input_ids, pixel_values, image_sizes, cache=cache)[:, -1]        # (B, vocab)
+        logits = self(input_ids, pixel_values, image_sizes, cache=cache, last_only=True)[:, -1]   # (B, vocab)
         for step in range(max_new_tokens):
             token = next_token(logits, sequence, temperature, top_k, top_p, repetition_penalty, generator,
                                self.config.image_token_id)
