@@ -499,11 +499,10 @@ def attention(q, k, v, causal, impl, scale=None, cu_seqlens=None):
                                               scale=scale, enable_gqa=True)
     if impl == "triton":
         import kernels  # the hand-written flash attention; the packed layout puts each batch row in its own segment
-        if cu_seqlens is None:   # each batch row becomes one segment of the packed layout
+        cu_q = cu_k = None if cu_seqlens is None else cu_seqlens.to(torch.int32)
+        if cu_seqlens is None and b > 1:   # each batch row becomes one segment of the packed layout
             cu_q = torch.arange(0, (b + 1) * tq, tq, dtype=torch.int32, device=q.device)
             cu_k = torch.arange(0, (b + 1) * tk, tk, dtype=torch.int32, device=q.device)
-        else:
-            cu_q = cu_k = cu_seqlens.to(torch.int32)
         out = kernels.attention(q.transpose(1, 2).reshape(b * tq, h, d),            # (B*Tq, H, D)
                                 k.transpose(1, 2).reshape(b * tk, k.shape[1], d),   # (B*Tk, Hkv, D)
                                 v.transpose(1, 2).reshape(b * tk, k.shape[1], d),
@@ -961,10 +960,8 @@ def load(path, device=None, dtype=None, attn=None):
     tensor, straight from the file. attn: "plain", "sdpa" or "triton" (default: triton on CUDA, sdpa elsewhere).
     On the CPU with the stored dtype the parameters stay views of the memory-mapped file: one copy, paged in lazily.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path):   # a hub id: the local cache or a download
-        import hub
-        path = hub.snapshot(path)
+    import hub   # a hub id (org/name) that is not a local folder: the local Hugging Face cache, else a download
+    path = hub.local_path(path)
     config = read_config(path)
     stored = {our_key(k): t for k, t in read_checkpoint_tensors(path).items()}
     # The releases store 26 SigLIP layers of so400m's 27; the model has exactly the layers the checkpoint holds.

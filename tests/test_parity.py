@@ -58,13 +58,15 @@ def test_logits_and_features_match_reference(variant, layout, attn):
 
 
 def test_triton_attention_matches_reference():
-    """The kernel path on CPU runs under Triton's interpreter: one case, to keep the suite fast."""
+    """The kernel path on CPU runs under Triton's interpreter: one case and a short generation, to keep it fast."""
     pytest.importorskip("triton")
     g = golden("untied")
     model = interleave.load(os.path.join(GOLDENS, "untied", "hf"), attn="triton")
     ids, pixels = model_inputs(model, g, "two_images")
     with torch.no_grad():
         assert_close(model(ids, pixels), g["two_images.logits"], "two_images logits (triton)")
+    cached = model.generate(ids, pixels, max_new_tokens=8, stop_ids=())   # cached prefill and one-token decodes
+    assert cached.tolist() == g["two_images.greedy"].tolist()
 
 
 @pytest.mark.parametrize("variant, layout", [("tied", "original"), ("untied", "hf"), ("layer2", "hf")])

@@ -281,7 +281,7 @@ def test_truncation_never_cuts_through_an_image(model, tok):
 
 # ---- Packing: samples in one sequence never see each other
 
-@pytest.mark.parametrize("attn", ["plain", "sdpa"])
+@pytest.mark.parametrize("attn", ["plain", "sdpa", "triton"])
 def test_packed_logits_equal_each_sample_alone(model, tok, attn):
     model.set_attention(attn)
     samples = [interleave.build_inputs([("user", "<image> what is it?", [noise(30, 30, 1)]), ("assistant", "a cat")],
