@@ -806,8 +806,9 @@ class LlavaInterleave(nn.Module):
             finished |= torch.isin(token, stop)
             if finished.all() or step == max_new_tokens - 1:
                 break
-            if use_cache:
-                logits = self(token[:, None], cache=cache, start=t + step)[:, -1]
+            if use_cache:   # the new token is text: embed it directly (embed()'s input checks would wait for the GPU)
+                x, at = self.decoder.embed_tokens(token[:, None]), torch.full((b, 1), t + step, device=token.device)
+                logits = self.lm_head(self.decoder(x, at, cache, t + step))[:, -1]
             else:
                 logits = self(sequence, pixel_values, image_sizes)[:, -1]
         return sequence[:, t:]

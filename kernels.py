@@ -111,7 +111,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, stride_qt, stride_qh, stride_kt, st
                 BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr, COUNT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Forward. One program = one block of BLOCK_M queries of one sample, for one head."""
-    m_block, seg, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # Last query blocks first: causal ones see the most keys, and the heaviest work should not start last.
+    m_block, seg, head = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start, k_start, Lq, Lk = _segment(CU_Q, CU_K, seg)
     m0 = m_block * BLOCK_M
     if m0 >= Lq:  # the grid is sized for the longest sample; shorter ones end here
@@ -161,7 +162,7 @@ def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, CU_Q, CU_K, stride_qt, stride
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Backward, part 1: dq = scale * dS @ K for one block of queries, over the forward's key blocks,
     recomputing P = exp2(s - lse). It also writes delta = rowsum(dO * O), which part 2 reads."""
-    m_block, seg, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    m_block, seg, head = tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start, k_start, Lq, Lk = _segment(CU_Q, CU_K, seg)
     m0 = m_block * BLOCK_M
     if m0 >= Lq:
@@ -309,10 +310,9 @@ def attention(q, k, v, causal=False, cu_seqlens_q=None, cu_seqlens_k=None, scale
         raise ValueError(f"head dim {q.shape[2]} > 256 is not supported")
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         raise ValueError("give both cu_seqlens_q and cu_seqlens_k, or neither")
-    if cu_seqlens_q is None:  # one sample
+    if cu_seqlens_q is None:  # one sample: [0, n] made on the device (a tensor from a list would wait for the GPU)
         max_q, max_k = q.shape[0], k.shape[0]
-        cu_seqlens_q, cu_seqlens_k = [torch.tensor([0, n], dtype=torch.int32, device=q.device)
-                                      for n in (max_q, max_k)]
+        cu_seqlens_q, cu_seqlens_k = [torch.arange(2, dtype=torch.int32, device=q.device) * n for n in (max_q, max_k)]
     else:
         max_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
         max_k = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
@@ -375,7 +375,7 @@ def _benchmark():
           f"gets (batch, heads, T, D) zero-padded to the longest sample\n{'case':34} | fwd: triton   sdpa  plain  "
           "triton/sdpa | fwd+bwd: triton   sdpa  plain  triton/sdpa")
     for name, lens, h, d, causal in cases:
-        cu = torch.tensor([0] + lens, device="cuda").cumsum(0).int()
+        cu = None if len(lens) == 1 else torch.tensor([0] + lens, device="cuda").cumsum(0).int()  # as the model
         x = [torch.randn(sum(lens), h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
         xp = [torch.randn(len(lens), h, max(lens), d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
               for _ in range(3)]  # (B, H, T, D)

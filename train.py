@@ -66,7 +66,7 @@ class Config:
     attn: str = opt("", "plain, sdpa or triton (default: triton on a GPU, else sdpa)")
     seed: int = opt(0, "seeds the weights, the data order and the synthetic data")
     eval_every: int = opt(250, "steps between evaluations on 200 held-out records (all of them at the end)")
-    save_every: int = opt(250, "steps between checkpoints (one is also written at the end)")
+    save_every: int = opt(250, "steps between checkpoints (one is also written at the end; 0: none at all)")
     resume: bool = opt(False, "continue from OUT/latest: model, optimizer, schedule, step, data position, RNG")
     export: str = opt("", "also write the final model, without optimizer state, to this folder")
 
@@ -96,8 +96,7 @@ def to_sample(record, cfg, tokenizer, mcfg, skip, max_len=None):
 
 
 @functools.lru_cache(maxsize=2)
-def permutation(n, seed, epoch):
-    """The record order of an epoch, a fresh seeded permutation each: the data position is one integer."""
+def permutation(n, seed, epoch):   # the record order of an epoch: the data position is then one integer
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
@@ -232,7 +231,8 @@ def evaluate(model, records, cfg, tokenizer, skip, device, step, log):
             continue
         ids, labels = sample.input_ids.to(device), sample.labels.to(device)
         pixels = None if sample.pixel_values is None else sample.pixel_values.to(device)
-        loss_sum += WithLoss(model)(ids[None], labels, pixels, sample.image_sizes, torch.arange(len(ids))[None]).item()
+        positions = torch.arange(len(ids), device=device)[None]
+        loss_sum += WithLoss(model)(ids[None], labels, pixels, sample.image_sizes, positions).item()
         n_tokens += int((labels != IGNORE).sum())
         first = int((labels != IGNORE).nonzero()[0])   # the prompt ends where the first reply starts
         reply = cut(labels[first:].tolist())
@@ -272,9 +272,9 @@ def main(argv=None):
         kind = {"action": argparse.BooleanOptionalAction} if f.type is bool else {"type": type(f.default)}
         p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"], **kind)
     cfg, cuda = Config(**vars(p.parse_args(argv))), torch.cuda.is_available()
-    # torchrun sets RANK; a single process gets a process group of its own, so the same code serves both.
-    dist.init_process_group("nccl" if cuda else "gloo", **({} if "RANK" in os.environ else
-                                                          dict(store=dist.HashStore(), rank=0, world_size=1)))
+    # torchrun sets RANK; a single process gets a (gloo) process group of its own, so one code path serves both.
+    single = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group("nccl" if cuda and not single else "gloo", **single)
     try:
         return train(cfg, cuda, dist.get_rank(), dist.get_world_size())
     finally:
@@ -381,7 +381,7 @@ def train(cfg, cuda, rank, world):
             meter[:] = 0
         if rank == 0 and val and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             evals.append(evaluate(model, val[:200], cfg, tokenizer, skip, device, step, log))
-        if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
+        if rank == 0 and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
             save_checkpoint(cfg.out, step, model, tokenizer, {
                 "progress": (step, position, history, evals), "optimizer": optimizer.state_dict(),
                 "config": asdict(cfg), "rng": torch.get_rng_state(),

@@ -10,8 +10,6 @@ two pictures + generate; timed from the PIL images to the last token. CPU: float
 Each implementation runs in its own process (transformers only in --ref-python's environment; this repository is
 never on that process's path), loaded one after the other; then the runs alternate between them, never at the same
 time, so a change in machine load hits both alike. One untimed warm-up run each. Reported: medians.
-"our generate, last-position logits" emulates a proposed change to LlavaInterleave.generate: the prefill applies
-lm_head to the last position only (the reference does the same), instead of to all 1488.
 """
 import argparse
 import json
@@ -82,18 +80,10 @@ images = [Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)) f
 text, slots = list(range(1000, 1030)), [151646] * 729
 ids = text[:10] + slots + text[10:15] + slots + text[15:]          # 30 text tokens around two images
 start = time.perf_counter()
-if impl.startswith("ours"):
+if impl == "ours":
     sys.path.insert(0, root)
     import interleave
     model = interleave.load(folder, device=device, dtype=dtype)
-    if impl == "ours-last":            # the proposed change: in the prefill, lm_head on the last position only
-        class LastPosition(torch.nn.Module):
-            def __init__(self, head):
-                super().__init__()
-                self.head = head
-            def forward(self, x):
-                return self.head(x[:, -1:])
-        model.lm_head = LastPosition(model.lm_head)
     pixels = lambda: torch.cat([interleave.preprocess(image, model.config) for image in images]).to(device)
     def generate(input_ids, pixel_values, n, on_token):
         return model.generate(input_ids, pixel_values, None, max_new_tokens=n, stop_ids=[], on_token=on_token)[0]
@@ -173,7 +163,6 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch in each process")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--no-variant", action="store_true", help="skip the last-position-logits variant")
     parser.add_argument("--smoke", action="store_true", help="2 layers per tower, 1 run: does the script work?")
     args = parser.parse_args()
     if args.smoke:
@@ -181,8 +170,7 @@ def main():
     if not os.path.exists(os.path.join(args.dir, "model.safetensors")):
         print(f"writing a random 0.5B-shaped checkpoint (HF layout) to {args.dir} ...", flush=True)
         write_hf_checkpoint(args.dir, layers=2 if args.smoke else None)
-    impls = [("ours", sys.executable)] + [("ours-last", sys.executable)] * (not args.no_variant) + \
-            [("reference", args.ref_python)]
+    impls = [("ours", sys.executable), ("reference", args.ref_python)]
     with tempfile.TemporaryDirectory() as cwd:
         workers = []
         for impl, python in impls:   # loaded one at a time, so that no load competes with another
@@ -200,7 +188,7 @@ def main():
     print(f"\n{args.device}, {'float32' if args.device == 'cpu' else 'bfloat16'}"
           + (f", {args.threads} threads" if args.device == "cpu" else "")
           + f"; 2 images x 729 slots + 30 text tokens, {args.new_tokens} greedy new tokens; median of {args.repeats}")
-    names = {"ours": "our generate", "ours-last": "our generate, last-position logits", "reference": "transformers"}
+    names = {"ours": "our generate", "reference": "transformers"}
     print("| implementation | import + load | end to end (one run) | load + run | first token | decode tokens/s "
           "| peak memory |\n|---|---|---|---|---|---|---|")
     for w in workers:

@@ -83,8 +83,10 @@ def assert_one_line_error(result, *words):
     assert result.stderr.startswith("error: ") and all(word in result.stderr for word in words), result.stderr
 
 
-@pytest.mark.skipif(not os.path.isdir(sample.EMBEDDED), reason="the embedded model models/m4-tiny is not there yet")
 def test_no_arguments_runs_the_demo_on_the_embedded_model_in_seconds():
+    files = sorted(os.listdir(sample.EMBEDDED))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= set(files), files
+    assert sum(os.path.getsize(os.path.join(sample.EMBEDDED, f)) for f in files) <= 10_000_000   # at most 10 MB
     start = time.time()
     result = cli()
     assert result.returncode == 0, result.stderr
