@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything this project checks and measures on a GPU, in one call (device time is scarce; see README, Measurements):
 #   bash benchmarks/gpu_session.sh [OUTDIR [PART ...]]      # PART: kernels model train sample (default: all four)
-# 1. the model against the golden values on CUDA (benchmarks/gpu_checks.py), 2. the kernel's self-check and TFLOP/s
-# table (python kernels.py), 3. training tokens/s and MFU of the 0.5B-shaped model with packing (train.py), 4. decode
+# 1. the kernel's self-check and TFLOP/s table (python kernels.py), 2. the model against the golden values on CUDA
+# (benchmarks/gpu_checks.py), 3. training tokens/s and MFU of the 0.5B-shaped model with packing (train.py), 4. decode
 # against transformers (benchmarks/sample_vs_reference.py). Each part has its own time limit, so one that hangs
 # does not cost the others; each writes OUTDIR/<part>.txt.
 set -u
