@@ -1,0 +1,1 @@
+"""Reference solutions: soundness.py checks that every exercise check passes them. Spoilers!"""
