@@ -1,5 +1,5 @@
 """train.py on CPU: the loss goes down, resume reproduces the loss curve, two gloo processes match one, checkpoints
-load back (interleave.load) with identical logits, fine-tuning keeps the tower frozen, bad records and NaN losses."""
+load back (interleave.load) with identical logits and give transformers' logits, fine-tuning keeps the tower frozen, bad records and NaN losses."""
 import json
 import os
 import shutil
@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import interleave
 import train
@@ -75,6 +76,19 @@ def test_checkpoint_loads_back_with_identical_logits(run, data):
     generation = json.loads((out / "latest" / "generation_config.json").read_text())
     assert config["image_token_index"] == tokenizer.token_to_id("<image>") < config["text_config"]["vocab_size"]
     assert generation["eos_token_id"] == [tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")]
+
+
+def test_the_embedded_model_gives_the_reference_implementations_logits():
+    """models/m4-tiny, as train.py wrote it, read by interleave.load and by transformers (the golden, made by
+    tests/goldens/make_m4tiny_golden.py): the same logits within the parity bound of tests/test_parity.py."""
+    golden = load_file(golden_path("m4tiny", "golden.safetensors"))
+    model = interleave.load(os.path.join(ROOT, "models", "m4-tiny"))
+    with torch.no_grad():
+        logits = model(golden["input_ids"], golden["pixel_values"])
+    ref = golden["logits"]
+    diff, bound = (logits - ref).abs().max().item(), 1e-5 + 2e-6 * ref.abs().max().item()
+    assert diff <= bound, (f"max|diff| {diff:.3g} > {bound:.3g}: if models/m4-tiny was retrained, remake the golden "
+                           "with tests/goldens/make_m4tiny_golden.py")
 
 
 def test_resume_reproduces_the_loss_curve(run, data, tmp_path):
