@@ -15,7 +15,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import interleave  # noqa: E402
-from test_parity import GOLDENS, golden, max_diff, model_inputs  # noqa: E402
+from helpers import max_diff  # noqa: E402
+from test_parity import GOLDENS, golden, model_inputs  # noqa: E402
 
 DEVICE = sys.argv[1] if len(sys.argv) > 1 else "cuda"   # cpu: a smoke test of this script (Triton interpreted)
 failures = []

@@ -1,4 +1,4 @@
-"""Shared by the tests: a tiny tokenizer and paths to the committed golden checkpoints."""
+"""Shared by the tests: a tiny tokenizer, paths to the committed golden checkpoints, the parity rule."""
 import os
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -9,6 +9,11 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 def golden_path(*parts):
     return os.path.join(GOLDENS, *parts)
+
+
+def max_diff(ours, ref):
+    """(max |diff|, bound) of the parity rule against the reference implementation's golden values."""
+    return (ours - ref).abs().max().item(), 1e-5 + 2e-6 * ref.abs().max().item()
 
 
 def write_tiny_tokenizer(folder, vocab_size=300):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import interleave
+from helpers import max_diff
 
 GOLDENS = os.path.join(os.path.dirname(__file__), "goldens")
 REFERENCE_SLOT_ID = 300          # the tiny checkpoints' image_token_index
@@ -28,11 +29,6 @@ def model_inputs(model, g, case):
     ids = g[f"{case}.input_ids"].clone()
     ids[ids == REFERENCE_SLOT_ID] = model.config.image_token_id
     return ids, g.get(f"{case}.pixel_values")
-
-
-def max_diff(ours, ref):
-    """(max |diff|, bound) of the parity rule."""
-    return (ours - ref).abs().max().item(), 1e-5 + 2e-6 * ref.abs().max().item()
 
 
 def assert_close(ours, ref, what):
