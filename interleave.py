@@ -97,8 +97,7 @@ def config_from_dict(cfg):
         # layer: the features are hidden_states[-1] (§1). Small test checkpoints carry a `vision_config` block.
         vis_cfg, feature_layer = cfg.get("vision_config") or {}, -1
     elif model_type == "llava":          # HF: nested text_config / vision_config
-        text_cfg, layout = cfg.get("text_config") or {}, "hf"
-        vis_cfg = cfg.get("vision_config") or {}
+        text_cfg, vis_cfg, layout = cfg.get("text_config") or {}, cfg.get("vision_config") or {}, "hf"
         feature_layer = _pick(cfg, "vision_feature_layer", -2)
         if not isinstance(feature_layer, int):
             raise CheckpointError(f"vision_feature_layer {feature_layer!r}: only a single integer layer is supported")
@@ -238,10 +237,8 @@ def multipatch_views(image, config):
     tile, (w0, h0) = config.vision.image_size, image.size
     width, height = select_canvas(image.size, config.grid_pinpoints)
     scale_w, scale_h = width / w0, height / h0
-    if scale_w < scale_h:
-        new_w, new_h = width, min(math.ceil(h0 * scale_w), height)
-    else:
-        new_w, new_h = min(math.ceil(w0 * scale_h), width), height
+    new_w, new_h = ((width, min(math.ceil(h0 * scale_w), height)) if scale_w < scale_h else
+                    (min(math.ceil(w0 * scale_h), width), height))
     canvas = Image.new("RGB", (width, height))   # black: -1.0 after normalisation, not the mean colour
     canvas.paste(image.resize((new_w, new_h), Image.BICUBIC), ((width - new_w) // 2, (height - new_h) // 2))
     return [image] + [canvas.crop((x, y, x + tile, y + tile)) for y in range(0, height, tile)
@@ -263,9 +260,7 @@ FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 def sample_frame_indices(total, num_frames):
     """Uniform sampling, as the official demo: np.linspace(0, total - 1, n, dtype=int). With no more frames than
     asked for, all of them (the demo divides by zero there)."""
-    if total <= num_frames:
-        return list(range(total))
-    return np.linspace(0, total - 1, num_frames, dtype=int).tolist()
+    return list(range(total)) if total <= num_frames else np.linspace(0, total - 1, num_frames, dtype=int).tolist()
 
 
 def read_video_frames(source, num_frames=16):
@@ -372,8 +367,7 @@ def build_inputs(turns, tokenizer, config, system=SYSTEM_PROMPT, anyres=False, a
     ids, labels = [], []
     for text, is_reply in segments:
         n_images = text.count(IMAGE_MARKER)
-        piece = encode_prompt(tokenizer, text, config.image_token_id, slots[:n_images])
-        slots = slots[n_images:]
+        piece, slots = encode_prompt(tokenizer, text, config.image_token_id, slots[:n_images]), slots[n_images:]
         ids += piece
         labels += [t if is_reply and t != config.image_token_id else IGNORE for t in piece]
     return Sample(torch.tensor(ids), torch.tensor(labels), torch.cat(pixels) if pixels else None, sizes)
@@ -535,7 +529,10 @@ class SelfAttention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)                                      # (B, Hkv, start + T, D)
-        out = attention(q, k, v, self.causal, self.impl, cu_seqlens=cu_seqlens)        # (B, H, T, D)
+        if torch.is_tensor(start):   # fixed-shape decode: the one query at position start sees the keys up to it
+            out = plain_attention(q, k, v, torch.arange(k.shape[2], device=k.device) <= start, self.head_dim ** -0.5)
+        else:
+            out = attention(q, k, v, self.causal, self.impl, cu_seqlens=cu_seqlens)    # (B, H, T, D)
         out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)              # (B, T, H * D)
         return getattr(self, self.out_name)(out)
 
@@ -632,11 +629,12 @@ class KVCache:
     """Keys and values of every layer, preallocated to max_len and indexed by position."""
 
     def __init__(self, layers, batch, kv_heads, max_len, head_dim, dtype, device):
-        shape = (layers, batch, kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = torch.zeros(layers, batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
 
     def update(self, layer, start, k, v):
+        if torch.is_tensor(start):   # the fixed-shape decode step: start (1,) on the device; (B, Hkv, max_len, D)
+            return self.k[layer].index_copy_(2, start, k), self.v[layer].index_copy_(2, start, v)  # ALL max_len slots
         end = start + k.shape[2]
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
@@ -780,11 +778,12 @@ class LlavaInterleave(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, image_sizes=None, max_new_tokens=32, temperature=0.0, top_k=0,
                  top_p=1.0, repetition_penalty=1.0, stop_ids=(151645, 151643), use_cache=True, generator=None,
-                 on_token=None):
+                 on_token=None, cuda_graph=None):
         """New token ids (B, n), n <= max_new_tokens. Greedy unless temperature > 0.
 
         A row that emits a stop id keeps repeating it until every row has stopped. use_cache=False recomputes the
         whole sequence at every step (slow; the oracle for the cache). on_token(ids (B,)) is called as tokens arrive.
+        cuda_graph (default: on CUDA) uses the fixed-shape cached step: a CUDA graph there (1 launch, not ~1500).
         """
         b, t = input_ids.shape
         total = t + max_new_tokens
@@ -793,6 +792,13 @@ class LlavaInterleave(nn.Module):
                              f"{self.config.text.max_positions} positions; shorten the prompt or ask for fewer tokens")
         c, w = self.config.text, self.decoder.embed_tokens.weight
         cache = KVCache(c.layers, b, c.kv_heads, total, c.head_dim, w.dtype, w.device) if use_cache else None
+        decode = lambda ids, at, start: self.lm_head(   # ids (B, 1) at (1,), embedded directly: embed() would sync
+            self.decoder(self.decoder.embed_tokens(ids), at.expand(b, 1), cache, start))[:, -1]   # (B, vocab)
+        fixed = use_cache and (w.is_cuda if cuda_graph is None else cuda_graph)
+        if fixed and w.is_cuda:   # a warm-up on a side stream, then one capture, before the prompt overwrites what
+            at = input_ids.new_zeros(1)   # the warm-up wrote at position 0. A call copies its arguments into the
+            decode = torch.cuda.make_graphed_callables(   # captured inputs and replays; its output, the graph's
+                decode, (input_ids.new_zeros(b, 1), at, at), num_warmup_iters=1)   # own, the next call rewrites
         sequence, stop = input_ids, torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
         finished = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
         logits = self(input_ids, pixel_values, image_sizes, cache=cache, last_only=True)[:, -1]   # (B, vocab)
@@ -806,9 +812,9 @@ class LlavaInterleave(nn.Module):
             finished |= torch.isin(token, stop)
             if finished.all() or step == max_new_tokens - 1:
                 break
-            if use_cache:   # the new token is text: embed it directly (embed()'s input checks would wait for the GPU)
-                x, at = self.decoder.embed_tokens(token[:, None]), torch.full((b, 1), t + step, device=token.device)
-                logits = self.lm_head(self.decoder(x, at, cache, t + step))[:, -1]
+            if use_cache:
+                at = torch.full((1,), t + step, device=token.device)              # (1,): the new token's position
+                logits = decode(token[:, None], at, at if fixed else t + step)    # a tensor start: fixed shapes
             else:
                 logits = self(sequence, pixel_values, image_sizes)[:, -1]
         return sequence[:, t:]
@@ -886,7 +892,6 @@ def open_safetensors(file):
     """
     def corrupt(why):
         return CheckpointError(f"{file} is truncated or corrupt ({why}); download it again")
-
     size = os.path.getsize(file)
     with open(file, "rb") as f:
         if size < 8:
@@ -974,8 +979,7 @@ def load(path, device=None, dtype=None, attn=None):
     expected = dict(model.state_dict())
     if config.text.tie_embeddings:
         expected.pop("lm_head.weight")
-    missing = sorted(set(expected) - set(stored))
-    unexpected = sorted(set(stored) - set(expected))
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
     wrong_shape = [f"{k}: checkpoint {tuple(stored[k].shape)}, config wants {tuple(expected[k].shape)}"
                    for k in sorted(set(stored) & set(expected)) if stored[k].shape != expected[k].shape]
     if missing or unexpected or wrong_shape:
@@ -988,8 +992,7 @@ def load(path, device=None, dtype=None, attn=None):
         if "lm_head.weight" in missing:
             lines.append("  no lm_head tensor: if the head is tied to the embedding, set tie_word_embeddings=true")
         raise CheckpointError("\n".join(lines))
-    device = torch.device(device or "cpu")
-    dtype = dtype or stored["decoder.embed_tokens.weight"].dtype
+    device, dtype = torch.device(device or "cpu"), dtype or stored["decoder.embed_tokens.weight"].dtype
     # strict=False only because a tied lm_head has no tensor of its own; every key was checked above.
     model.load_state_dict({k: t.to(device=device, dtype=dtype) for k, t in stored.items()}, assign=True, strict=False)
     if config.text.tie_embeddings:   # assign=True replaced the shared parameter: tie again

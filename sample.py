@@ -187,7 +187,8 @@ class Session:
                                       max_new_tokens=min(settings["max_new_tokens"], context - n),
                                       temperature=settings["temperature"], top_k=settings["top_k"],
                                       top_p=settings["top_p"], repetition_penalty=settings["repetition_penalty"],
-                                      stop_ids=self.stops, generator=generator, on_token=stream)
+                                      stop_ids=self.stops, generator=generator, on_token=stream,
+                                      cuda_graph=False if self.args.viz else None)   # --viz wraps attention(): no graph
         end, count, text = time.perf_counter(), new.shape[1], stream.flush()
         rate = f", {(count - 1) / (end - stream.first_at):.1f} tokens/s after the first" if count > 1 else ""
         self.log(f"time to first token {stream.first_at - start:.2f} s, {count} tokens{rate}, {peak_memory(device)}")

@@ -5,10 +5,13 @@
 CI has no GPU, so these checks live here and their results in the README. Each line prints max|diff| against the
 reference's golden values and the parity bound (tests/test_parity.py: 1e-5 + 2e-6 max|ref|). fp32 runs twice: with
 PyTorch's defaults (cuDNN may use TF32 for the patch-embedding convolution) and with TF32 off everywhere. bf16 is
-compared by relative norm error and by how many of the 8 golden greedy tokens it reproduces.
+compared by relative norm error and by how many of the 8 golden greedy tokens it reproduces. Last, generate's CUDA
+graph (its default on CUDA) against the eager decode steps: the same greedy tokens, and tokens/s with and without.
 """
 import os
 import sys
+import time
+from unittest import mock
 
 import torch
 
@@ -90,6 +93,46 @@ def packed_equals_alone(dtype, attn):
           flush=True)
 
 
+def timed_generate(model, ids, pixels, new_tokens, cuda_graph):
+    """(tokens, decode tokens/s after the first token); a CUDA graph is captured before the first token."""
+    sync, first = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None), []
+
+    def on_token(token):
+        if not first:
+            sync()
+            first.append(time.perf_counter())
+    tokens = model.generate(ids.to(DEVICE), pixels.to(DEVICE), max_new_tokens=new_tokens, stop_ids=(),
+                            on_token=on_token, cuda_graph=cuda_graph)
+    sync()
+    return tokens.cpu(), (new_tokens - 1) / (time.perf_counter() - first[0])
+
+
+def graph_equals_dynamic(dtype, new_tokens=64):
+    """Greedy decoding with the decode step captured as a CUDA graph (generate's default on CUDA) against the same
+    fixed-shape step run eagerly, which it must reproduce exactly, and against the dynamic-shape step (cuda_graph=
+    False). That one attends with the model's kernel (Triton), the fixed-shape step with plain attention: fp32 must
+    agree; in bf16 rounding flips near-ties of the tiny random model, so the first difference is only reported."""
+    model = interleave.load(os.path.join(GOLDENS, "untied", "hf"), device=DEVICE, dtype=dtype)
+    for case in ("two_images", "batch2"):
+        ids, pixels = model_inputs(model, golden("untied"), case)
+        for cuda_graph in (True, False):   # warm-ups (Triton's compiles, cuBLAS), untimed
+            timed_generate(model, ids, pixels, new_tokens, cuda_graph)
+        (graph, graph_tps), (dynamic, dynamic_tps) = (timed_generate(model, ids, pixels, new_tokens, cuda_graph)
+                                                      for cuda_graph in (True, False))
+        with mock.patch.object(torch.cuda, "make_graphed_callables", lambda step, inputs, **kw: step):
+            eager, _ = timed_generate(model, ids, pixels, new_tokens, True)   # the fixed-shape step, not captured
+        what = f"{str(dtype).removeprefix('torch.')} {case} x{new_tokens} tokens"
+        for name, other, judged in (("the same step eagerly", eager, True),
+                                    ("the dynamic-shape step", dynamic, dtype == torch.float32)):
+            same = graph.tolist() == other.tolist()
+            first = (graph != other).any(0).int().argmax().item()
+            failures.extend([] if same or not judged else [f"graph vs {name}, {what}"])
+            print(f"{'PASS' if same else 'FAIL' if judged else 'info'} CUDA graph == {name}, greedy tokens, {what}"
+                  + ("" if same else f": first difference at token {first}"), flush=True)
+        print(f"info {what}: decode {graph_tps:.0f} tokens/s with the CUDA graph, {dynamic_tps:.0f} without",
+              flush=True)
+
+
 if __name__ == "__main__":
     print(f"{torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'}, torch {torch.__version__}", flush=True)
     for variant, layout in (("tied", "original"), ("untied", "hf"), ("layer2", "hf_new")):
@@ -101,5 +144,7 @@ if __name__ == "__main__":
         bf16_drift("untied", "hf", attn)
         for dtype in (torch.float32, torch.bfloat16):
             packed_equals_alone(dtype, attn)
+    for dtype in (torch.float32, torch.bfloat16):
+        graph_equals_dynamic(dtype)
     print(f"gpu_checks: {len(failures)} failed" + (": " + ", ".join(failures) if failures else ""))
     sys.exit(1 if failures else 0)

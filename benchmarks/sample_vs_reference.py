@@ -9,7 +9,9 @@ two pictures + generate; timed from the PIL images to the last token. CPU: float
 
 Each implementation runs in its own process (transformers only in --ref-python's environment; this repository is
 never on that process's path), loaded one after the other; then the runs alternate between them, never at the same
-time, so a change in machine load hits both alike. One untimed warm-up run each. Reported: medians.
+time, so a change in machine load hits both alike. One untimed warm-up run each. Reported: medians. On CUDA ours
+runs twice over: as generate does by default, decoding with a CUDA graph, and with cuda_graph=False (the
+dynamic-shape decode step, one launch per kernel).
 """
 import argparse
 import json
@@ -80,13 +82,14 @@ images = [Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)) f
 text, slots = list(range(1000, 1030)), [151646] * 729
 ids = text[:10] + slots + text[10:15] + slots + text[15:]          # 30 text tokens around two images
 start = time.perf_counter()
-if impl == "ours":
+if impl.startswith("ours"):   # "ours" or "ours-no-graph"
     sys.path.insert(0, root)
     import interleave
     model = interleave.load(folder, device=device, dtype=dtype)
     pixels = lambda: torch.cat([interleave.preprocess(image, model.config) for image in images]).to(device)
     def generate(input_ids, pixel_values, n, on_token):
-        return model.generate(input_ids, pixel_values, None, max_new_tokens=n, stop_ids=[], on_token=on_token)[0]
+        return model.generate(input_ids, pixel_values, None, max_new_tokens=n, stop_ids=[], on_token=on_token,
+                              cuda_graph=None if impl == "ours" else False)[0]
 else:
     from transformers import LlavaForConditionalGeneration, SiglipImageProcessor
     from transformers.generation.streamers import BaseStreamer
@@ -170,7 +173,8 @@ def main():
     if not os.path.exists(os.path.join(args.dir, "model.safetensors")):
         print(f"writing a random 0.5B-shaped checkpoint (HF layout) to {args.dir} ...", flush=True)
         write_hf_checkpoint(args.dir, layers=2 if args.smoke else None)
-    impls = [("ours", sys.executable), ("reference", args.ref_python)]
+    impls = [("ours", sys.executable)] + [("ours-no-graph", sys.executable)] * (args.device == "cuda") + [
+        ("reference", args.ref_python)]
     with tempfile.TemporaryDirectory() as cwd:
         workers = []
         for impl, python in impls:   # loaded one at a time, so that no load competes with another
@@ -188,7 +192,7 @@ def main():
     print(f"\n{args.device}, {'float32' if args.device == 'cpu' else 'bfloat16'}"
           + (f", {args.threads} threads" if args.device == "cpu" else "")
           + f"; 2 images x 729 slots + 30 text tokens, {args.new_tokens} greedy new tokens; median of {args.repeats}")
-    names = {"ours": "our generate", "reference": "transformers"}
+    names = {"ours": "our generate", "ours-no-graph": "our generate, no CUDA graph", "reference": "transformers"}
     print("| implementation | import + load | end to end (one run) | load + run | first token | decode tokens/s "
           "| peak memory |\n|---|---|---|---|---|---|---|")
     for w in workers:

@@ -21,6 +21,7 @@ question form that all four families share. The held-out split asks only the tas
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import random
 
@@ -169,31 +170,40 @@ def atomic_save(image, path):
     os.replace(path + ".tmp.png", path)
 
 
-def write_split(out, split, count, seed, size, perception=0.0):
-    records = []
+def write_example(out, split, task, i, seed, size, perception):
+    """Draw example i of a task, save its pictures, return its record."""
+    folder = os.path.join(out, split, task)
+    images, question, answer, meta, about = make_example(task, seed, split, i, size)
+    rid, rng = f"{split}-{task}-{i:06d}", random.Random(f"{seed}/{split}/{task}/{i}/question")
+    asks = "perception" if rng.random() < perception else "task"
+    if asks == "perception":   # a question about what the pictures show, instead of the task's
+        asked, answer = rng.choice(about)
+        question = question[:question.rindex("\n") + 1] + asked   # the same images and markers
+    turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    record = {"id": rid, "conversations": turns, "metadata": {"task": task, "asks": asks, **meta}}
+    if task == "video":   # a folder of frames; the question's 4 markers sample 4 of them
+        os.makedirs(os.path.join(folder, rid), exist_ok=True)
+        for t, frame in enumerate(images):
+            atomic_save(frame, os.path.join(folder, rid, f"frame_{t:02d}.png"))
+        record["video"] = f"{split}/{task}/{rid}"
+    else:
+        names = [f"{split}/{task}/{rid}_{j}.png" for j in range(len(images))]
+        for name, image in zip(names, images):
+            atomic_save(image, os.path.join(out, name))
+        record["image"] = names[0] if len(names) == 1 else names
+    return record
+
+
+def write_split(out, split, count, seed, size, perception=0.0, workers=1):
+    """Every example is drawn from its own seed, so the records are the same for any number of worker processes."""
+    jobs = [(out, split, task, i, seed, size, perception) for task in TASKS for i in range(count)]
     for task in TASKS:
-        folder = os.path.join(out, split, task)
-        os.makedirs(folder, exist_ok=True)
-        for i in range(count):
-            images, question, answer, meta, about = make_example(task, seed, split, i, size)
-            rid, rng = f"{split}-{task}-{i:06d}", random.Random(f"{seed}/{split}/{task}/{i}/question")
-            asks = "perception" if rng.random() < perception else "task"
-            if asks == "perception":   # a question about what the pictures show, instead of the task's
-                asked, answer = rng.choice(about)
-                question = question[:question.rindex("\n") + 1] + asked   # the same images and markers
-            turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-            record = {"id": rid, "conversations": turns, "metadata": {"task": task, "asks": asks, **meta}}
-            if task == "video":   # a folder of frames; the question's 4 markers sample 4 of them
-                os.makedirs(os.path.join(folder, rid), exist_ok=True)
-                for t, frame in enumerate(images):
-                    atomic_save(frame, os.path.join(folder, rid, f"frame_{t:02d}.png"))
-                record["video"] = f"{split}/{task}/{rid}"
-            else:
-                names = [f"{split}/{task}/{rid}_{j}.png" for j in range(len(images))]
-                for name, image in zip(names, images):
-                    atomic_save(image, os.path.join(out, name))
-                record["image"] = names[0] if len(names) == 1 else names
-            records.append(record)
+        os.makedirs(os.path.join(out, split, task), exist_ok=True)
+    if workers > 1 and len(jobs) > 1:
+        with multiprocessing.Pool(workers) as pool:
+            records = pool.starmap(write_example, jobs, chunksize=64)
+    else:
+        records = [write_example(*job) for job in jobs]
     random.Random(f"{seed}/{split}/order").shuffle(records)
     path = os.path.join(out, f"{split}.json")
     with open(path + ".tmp", "w") as f:
@@ -211,9 +221,11 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=64, help="side of a picture in pixels (multi-patch: 2x)")
     parser.add_argument("--perception", type=float, default=0.5,
                         help="fraction of the training records that ask what the pictures show instead")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes drawing pictures (the records do not depend on it)")
     args = parser.parse_args(argv)
     for split, count, perception in (("train", args.train, args.perception), ("val", args.val, 0.0)):
-        path = write_split(args.out, split, count, args.seed, args.size, perception)
+        path = write_split(args.out, split, count, args.seed, args.size, perception, args.workers)
         print(f"wrote {path}: {count} x {len(TASKS)} records")
 
 

@@ -77,6 +77,43 @@ def test_greedy_generation_matches_reference_and_cache(variant, layout):
         assert cached.tolist() == g[f"{case}.greedy"].tolist(), f"{case}: greedy tokens differ from the reference"
 
 
+def generate_recorded(model, monkeypatch, ids, pixels, cuda_graph):
+    """generate's greedy tokens, the logits it picked each token from (steps, B, vocab), and whether its decode
+    step was the fixed-shape one (the KV cache was given a tensor position)."""
+    logits, tensor_start = [], []
+    pick, update = interleave.next_token, interleave.KVCache.update
+
+    def recording_next_token(step_logits, *args):
+        logits.append(step_logits)
+        return pick(step_logits, *args)
+
+    def recording_update(cache, layer, start, k, v):
+        tensor_start.append(torch.is_tensor(start))
+        return update(cache, layer, start, k, v)
+    monkeypatch.setattr(interleave, "next_token", recording_next_token)
+    monkeypatch.setattr(interleave.KVCache, "update", recording_update)
+    tokens = model.generate(ids, pixels, max_new_tokens=8, stop_ids=(), cuda_graph=cuda_graph)
+    monkeypatch.undo()
+    return tokens, torch.stack(logits), any(tensor_start)
+
+
+@pytest.mark.parametrize("case, rows", [("two_images", 1), ("batch2", 2), ("text_only", 1), ("text_only", 2)])
+def test_fixed_shape_decode_step_matches_the_dynamic_one(monkeypatch, case, rows):
+    """The decode step that a CUDA graph captures on a GPU (fixed shapes: it writes the cache at a position held in a
+    tensor and attends to the whole cache, masked past that position) runs eagerly on the CPU with cuda_graph=True.
+    It must give the dynamic-shape step's greedy tokens and, at every step, its logits within the parity bound."""
+    g = golden("untied")   # GQA: 4 query heads share 2 kv heads
+    model = interleave.load(os.path.join(GOLDENS, "untied", "hf"))
+    ids, pixels = model_inputs(model, g, case)
+    if rows > ids.shape[0]:
+        ids = torch.cat([ids, ids.flip(1)])   # a second, different text-only row
+    fixed, fixed_logits, fixed_used = generate_recorded(model, monkeypatch, ids, pixels, cuda_graph=True)
+    dynamic, dynamic_logits, default_fixed = generate_recorded(model, monkeypatch, ids, pixels, cuda_graph=None)
+    assert fixed_used and not default_fixed, "cuda_graph=True must use the fixed-shape step; the CPU default not"
+    assert fixed.tolist() == dynamic.tolist(), f"{case} x{rows}: the fixed-shape step changes greedy decoding"
+    assert_close(fixed_logits, dynamic_logits, f"{case} x{rows}: logits of the fixed-shape step")
+
+
 def test_feature_layer_runs_no_layer_beyond_it():
     model = interleave.load(os.path.join(GOLDENS, "layer2", "hf"))
     assert model.config.vision.feature_layer == -2 and len(model.vision.layers) == 3

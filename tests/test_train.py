@@ -27,6 +27,15 @@ def data(tmp_path_factory):
     return folder
 
 
+def test_synthetic_data_does_not_depend_on_the_number_of_drawing_processes(data, tmp_path):
+    make_m4.main(["--out", str(tmp_path), "--train", "4", "--val", "1", "--seed", "0", "--workers", "1"])
+    for split in ("train.json", "val.json"):   # the fixture drew the same records with the default processes
+        assert (tmp_path / split).read_text() == (data / split).read_text()
+    pictures = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.png"))
+    assert len(pictures) > 16 and pictures == sorted(p.relative_to(data) for p in data.rglob("*.png"))
+    assert all((tmp_path / p).read_bytes() == (data / p).read_bytes() for p in pictures)
+
+
 def args(data, out, *extra):
     return ["--init", "tiny", "--data", str(data / "train.json"), "--val", str(data / "val.json"), "--out", str(out),
             "--batch", "8", "--lr", "3e-3", "--warmup", "2", "--eval-every", "0", *map(str, extra)]
