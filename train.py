@@ -2,15 +2,13 @@
 
     python train.py --init tiny --synthetic 4000 --out out/tiny --export models/m4-tiny     # the embedded model
     python train.py --init PATH --data m4.json --image-folder IMAGES --val val.json --out out/ft   # fine-tune
-    python train.py --init 0.5b-random --synthetic 300 --out /tmp/b --steps 30 --batch 64 --budget 16384  # GPU bench
     torchrun --nproc_per_node 8 train.py ...      # the same run on 8 GPUs (DDP); --batch stays the global batch
 
-Checkpoints: llava-hf layout, hub key names (SPEC §2). That layout has no `image_newline`, which multi-patch needs: it
-is stored as an extra top-level tensor `image_newline` in model.safetensors. interleave.load reads it (enabling
-multi-patch); transformers' LlavaForConditionalGeneration ignores it (no multi-patch there; logits are unchanged).
+Checkpoints: llava-hf layout, hub key names (SPEC §2), plus a top-level tensor `image_newline` (multi-patch needs it;
+that layout has none): interleave.load reads it, transformers' LlavaForConditionalGeneration ignores it (same logits).
 """
-import argparse, contextlib, functools, json, math, os, pathlib, re, shutil, sys, time
-from concurrent.futures import ThreadPoolExecutor
+import argparse, contextlib, functools, json, math, multiprocessing, os, pathlib, pickle, re, shutil, sys, time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -23,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.checkpoint import checkpoint
 
 import interleave
+from data import make_m4
 from interleave import IGNORE
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
@@ -41,10 +40,7 @@ HF_NAMES = {   # interleave's config fields -> llava-hf config.json names, for t
                  tie_embeddings="tie_word_embeddings")}
 HUB_PREFIXES = {"vision": "vision_tower.vision_model.", "decoder": "language_model.model.",
                 "projector": "multi_modal_projector.", "lm_head": "language_model.lm_head."}
-
-
-def opt(default, help):
-    return field(default=default, metadata={"help": help})
+opt = lambda default, help: field(default=default, metadata={"help": help})   # noqa: E731  a Config field
 
 
 @dataclass
@@ -93,6 +89,13 @@ def to_sample(record, cfg, tokenizer, mcfg, skip, max_len=None):
                                            anyres=mcfg.has_image_newline)
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:   # interleave.InputError is a ValueError
         skip(f"record {record.get('id') if isinstance(record, dict) else record!r}: {e}")
+
+
+def prepare(record):
+    """(Sample or None, why it was skipped), pickled: a loader process sends the sample back by value. Loader
+    processes are forked after train() has set LOADER to the run's (cfg, tokenizer, model config)."""
+    reasons = []
+    return pickle.dumps((to_sample(record, *LOADER, reasons.append, LOADER[0].budget), reasons))
 
 
 @functools.lru_cache(maxsize=2)
@@ -185,8 +188,7 @@ def save_checkpoint(out, step, model, tokenizer, trainer_state):
     shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     os.replace(tmp, os.path.join(out, name))
     atomic(os.path.join(out, "latest"), lambda link: os.symlink(name, link))
-    for old in sorted(d for d in os.listdir(out) if d.startswith("step-"))[:-2]:
-        shutil.rmtree(os.path.join(out, old))
+    [shutil.rmtree(os.path.join(out, old)) for old in sorted(d for d in os.listdir(out) if d.startswith("step-"))[:-2]]
 
 
 # ==== Loss, FLOPs, evaluation, loss curve
@@ -259,8 +261,8 @@ def plot(history, evals, path):
     draw.line([xy(s, v) for s, v in history], fill=(40, 90, 200))
     for x, y in (xy(e["step"], e["loss"]) for e in evals):
         draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=(210, 40, 40))
-    draw.text((pad, 20), f"loss {math.exp(lo):.3g} .. {math.exp(hi):.3g} (log scale) over {last} steps: "
-                         "training (blue), held-out (red)", fill="black")
+    draw.text((pad, 20), f"loss {math.exp(lo):.3g}..{math.exp(hi):.3g}, log scale, {last} steps: training blue, "
+                         "held-out red", fill="black")
     atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
@@ -284,8 +286,7 @@ def main(argv=None):
 def train(cfg, cuda, rank, world):
     started, log = time.time(), print if rank == 0 else (lambda *a, **k: None)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    torch.cuda.set_device(device) if cuda else None
     bf16, skipped, latest = cuda if cfg.bf16 is None else cfg.bf16, [], os.path.join(cfg.out, "latest")
 
     def skip(why):   # an unusable record: counted, and the first few reasons printed
@@ -295,7 +296,6 @@ def train(cfg, cuda, rank, world):
     if cfg.synthetic and not cfg.data:   # draw the synthetic M4 set (rank 0; the others wait at the barrier)
         cfg.data, cfg.val = os.path.join(cfg.out, "data", "train.json"), os.path.join(cfg.out, "data", "val.json")
         if rank == 0 and not (cfg.resume and os.path.exists(cfg.val)):
-            from data import make_m4
             make_m4.main(["--out", os.path.dirname(cfg.data), "--train", str(cfg.synthetic), "--seed", str(cfg.seed)])
     os.makedirs(cfg.out, exist_ok=True)
     dist.barrier()
@@ -315,9 +315,8 @@ def train(cfg, cuda, rank, world):
     train_vision = cfg.init == "tiny" or cfg.train_vision   # a checkpoint (or its shape) keeps its tower frozen
     for name, p in model.vision.named_parameters():   # post_layernorm is stored but never applied (SPEC §1)
         p.requires_grad_(train_vision and not name.startswith("post_layernorm"))
-    if cfg.grad_ckpt:
-        for block in [*model.decoder.layers, *model.vision.layers]:
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    for block in [*model.decoder.layers, *model.vision.layers] if cfg.grad_ckpt else []:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() > 1], "weight_decay": 0.05},
                                    {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}],
@@ -329,23 +328,24 @@ def train(cfg, cuda, rank, world):
     if state:   # resuming: the optimizer's moments and the random generators too
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        if cuda:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        torch.cuda.set_rng_state(state["cuda_rng"], device) if cuda else None
     peak = next((v for k, v in PEAK_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(device)), None)
     log(f"{sum(p.numel() for p in params):,} trained weights, {len(records)} records, {world}x {device}, step {step}")
     meter = np.zeros(6)   # since the last log line: seconds, tokens, FLOPs, packed tokens, pack room, steps
-    n, loader = len(records), ThreadPoolExecutor(8)   # samples are read in threads, a step ahead of the model
-
-    def load(start):   # this process's share of records start .. start + batch - 1 of the endless shuffled stream
-        batch = [records[permutation(n, cfg.seed, i // n)[i % n]] for i in range(start, start + cfg.batch)]
-        return list(loader.map(functools.partial(to_sample, cfg=cfg, tokenizer=tokenizer, mcfg=model.config,
-                                                 skip=skip, max_len=cfg.budget), batch[rank::world]))
-    upcoming = loader.submit(load, position)
+    # Loader processes prepare the samples a step ahead (in threads, that Python work would hold the lock the model's
+    # Python needs): forked, so they inherit LOADER, and with one thread each, as torch's DataLoader makes them.
+    global LOADER
+    LOADER, n, workers = (cfg, tokenizer, model.config), len(records), min(8, os.cpu_count())
+    loader = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), torch.set_num_threads, (1,))
+    load = lambda start: [loader.submit(prepare, records[permutation(n, cfg.seed, i // n)[i % n]])   # noqa: E731
+                          for i in range(start + rank, start + cfg.batch, world)]   # this process's share: futures
+    upcoming = load(position)
     while step < cfg.steps:
         progress = min(1.0, max(0, step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))   # linear warmup, then a
         lr = cfg.lr * min((step + 1) / cfg.warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * progress)))   # cosine to 10%
-        t0, samples, position = time.time(), upcoming.result(), position + cfg.batch
-        upcoming = loader.submit(load, position) if step + 1 < cfg.steps else None
+        t0, prepared, position = time.time(), [pickle.loads(f.result()) for f in upcoming], position + cfg.batch
+        upcoming, samples = load(position) if step + 1 < cfg.steps else None, [s for s, _ in prepared]
+        [skip(why) for _, reasons in prepared for why in reasons]
         optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = lr
         packs = interleave.pack_samples([s for s in samples if s], cfg.budget, verbose=False) or [interleave.Sample(
             torch.tensor([0, 0]), torch.full((2,), IGNORE), None, [], torch.arange(2),
@@ -390,8 +390,8 @@ def train(cfg, cuda, rank, world):
     if rank == 0:   # the final evaluation on every held-out record, the loss curve, the exported model
         evals += [evaluate(model, val, cfg, tokenizer, skip, device, step, log)] if val else []
         plot(history, evals, os.path.join(cfg.out, "loss.png"))
-        if cfg.export:
-            write_model(cfg.export, model, tokenizer)
+        write_model(cfg.export, model, tokenizer) if cfg.export else None
+    loader.shutdown()
     log(f"done: {step} steps in {(time.time() - started) / 60:.1f} min, {len(skipped)} records skipped")
     return {"model": model, "tokenizer": tokenizer, "history": history, "evals": evals, "skipped": len(skipped)}
 
