@@ -8,6 +8,7 @@ vision (or text) fields changed as VARIANTS says; its log is OUT/VARIANT.log. Th
 final held-out exact match. The winner becomes the preset, so that the plain train.py command reproduces it.
 One at a time: three runs sharing an H200 (and its 16 cores) took 0.55-0.75 s per step each (2026-11-27).
 """
+import json
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ VARIANTS = {   # name -> (vision fields, text fields) that differ from PRESETS["
     "p8-l4": ({"patch_size": 8, "layers": 4}, {}),         # and a deeper tower
     "p16-l4": ({"layers": 4}, {}),
 }
-RUN = ("import sys, train; vision, text = eval(sys.argv[1]); train.PRESETS['tiny'][0].update(vision); "
+RUN = ("import json, sys, train; vision, text = json.loads(sys.argv[1]); train.PRESETS['tiny'][0].update(vision); "
        "train.PRESETS['tiny'][1].update(text); print('preset tiny:', train.PRESETS['tiny'], flush=True); "
        "train.main(sys.argv[2:])")
 
@@ -34,7 +35,7 @@ def main(argv):
     running = []
     for name in names:
         folder = os.path.join(out, name)
-        cmd = [sys.executable, "-c", RUN, repr(VARIANTS[name]), "--init", "tiny", "--out", folder,
+        cmd = [sys.executable, "-c", RUN, json.dumps(VARIANTS[name]), "--init", "tiny", "--out", folder,
                "--export", os.path.join(folder, "export"), *args]
         with open(folder + ".log", "w") as log:
             running[:] = [subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)]

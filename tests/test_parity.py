@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import interleave
-from helpers import max_diff
+from helpers import GOLDENS, golden_path, max_diff
 
-GOLDENS = os.path.join(os.path.dirname(__file__), "goldens")
 REFERENCE_SLOT_ID = 300          # the tiny checkpoints' image_token_index
 LAYOUTS = [("tied", "hf"), ("tied", "hf_new"), ("tied", "original"), ("untied", "hf"), ("untied", "hf_new"),
            ("untied", "original"), ("layer2", "hf"), ("layer2", "hf_new")]
@@ -21,7 +20,7 @@ CASES = ["two_images", "batch2", "text_only"]
 
 
 def golden(variant):
-    return load_file(os.path.join(GOLDENS, variant, "golden.safetensors"))
+    return load_file(golden_path(variant, "golden.safetensors"))
 
 
 def model_inputs(model, g, case):
