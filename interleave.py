@@ -470,8 +470,7 @@ def plain_attention(q, k, v, visible, scale):
     Grouped-query attention: query head h reads kv head h // (H / Hkv).
     """
     group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)                                   # (B, H, Tk, D)
-    v = v.repeat_interleave(group, dim=1)                                   # (B, H, Tk, D)
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)   # (B, H, Tk, D) each
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale              # (B, H, Tq, Tk)
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
@@ -562,7 +561,7 @@ class VisionTower(nn.Module):
     def __init__(self, c: VisionConfig):
         super().__init__()
         self.config = c
-        # A stride-14 convolution is a linear map of each 14x14 patch; 384 = 27*14 + 6, the leftover 6 are dropped.
+        # Stored as a stride-14 convolution: a linear map of each 14x14 patch (384 = 27*14 + 6: the last 6 are dropped).
         self.patch_embedding = nn.Conv2d(3, c.hidden, kernel_size=c.patch_size, stride=c.patch_size)
         self.position_embedding = nn.Embedding(c.tokens, c.hidden)
         self.layers = nn.ModuleList(VisionBlock(c) for _ in range(c.layers))
@@ -572,9 +571,11 @@ class VisionTower(nn.Module):
         self.post_layernorm = nn.LayerNorm(c.hidden, eps=c.eps)
 
     def forward(self, pixels):
-        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (N, C, grid, grid)
-        x = x.flatten(2).transpose(1, 2)                                          # (N, grid*grid, C), row-major
-        x = x + self.position_embedding.weight
+        # Computed as that matmul: on a GPU cuDNN runs fp32 convolutions in TF32 by default (off by 2e-3), not matmuls.
+        p, g, w = self.config.patch_size, self.config.image_size // self.config.patch_size, self.patch_embedding.weight
+        x = pixels.to(w.dtype)[:, :, :g * p, :g * p].unflatten(2, (g, p)).unflatten(4, (g, p))  # (N, 3, g, p, g, p)
+        x = x.permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)   # (N, g*g, 3*p*p): row-major patches of (RGB, y, x)
+        x = F.linear(x, w.flatten(1), self.patch_embedding.bias) + self.position_embedding.weight   # (N, g*g, C)
         # feature_layer indexes (embeddings, layer 1, ..., layer N): -1 is the last layer, -2 the one before it.
         # Layers past the selected one are never run.
         n_run = self.config.feature_layer % (len(self.layers) + 1)
@@ -764,11 +765,8 @@ class LlavaInterleave(nn.Module):
     def forward(self, input_ids, pixel_values=None, image_sizes=None, position_ids=None, cu_seqlens=None,
                 cache=None, start=0, last_only=False):
         """Logits (B, T, vocab), or (B, 1, vocab) with last_only. With a cache, input_ids are the tokens at positions
-        start .. start+T-1.
-
-        Packed training sequences (B = 1): position_ids restart at 0 for each sample and cu_seqlens (n + 1,) holds
-        the sample boundaries, so attention stays inside each sample.
-        """
+        start .. start+T-1. Packed training sequences (B = 1): position_ids restart at 0 for each sample and
+        cu_seqlens (n + 1,) holds the sample boundaries, so attention stays inside each sample."""
         b, t = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(start, start + t, device=input_ids.device).expand(b, t)  # (B, T)
@@ -790,6 +788,8 @@ class LlavaInterleave(nn.Module):
         if total > self.config.text.max_positions:
             raise ValueError(f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
                              f"{self.config.text.max_positions} positions; shorten the prompt or ask for fewer tokens")
+        if cuda_graph and not use_cache:
+            raise ValueError("cuda_graph=True needs use_cache=True: the graph replays the cached one-token step")
         c, w = self.config.text, self.decoder.embed_tokens.weight
         cache = KVCache(c.layers, b, c.kv_heads, total, c.head_dim, w.dtype, w.device) if use_cache else None
         decode = lambda ids, at, start: self.lm_head(   # ids (B, 1) at (1,), embedded directly: embed() would sync

@@ -83,6 +83,8 @@ def test_generation_stops_and_pads_with_the_stop_id(model):
         assert row == free_row[:end] + [stop] * (len(row) - end)     # a stopped row repeats its stop id
     with pytest.raises(ValueError, match="exceeds the context of 4096 positions"):
         model.generate(ids, max_new_tokens=4090)
+    with pytest.raises(ValueError, match="cuda_graph=True needs use_cache=True"):   # not silently the uncached path
+        model.generate(ids, max_new_tokens=2, use_cache=False, cuda_graph=True)
 
 
 def test_token_pickers():
