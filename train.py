@@ -7,14 +7,13 @@
 Checkpoints: llava-hf layout, hub key names (SPEC §2), plus a top-level tensor `image_newline` (multi-patch needs it;
 that layout has none): interleave.load reads it, transformers' LlavaForConditionalGeneration ignores it (same logits).
 """
-import argparse, contextlib, functools, json, math, multiprocessing, os, pathlib, pickle, re, shutil, sys, time
+import argparse, contextlib, functools, json, math, os, pathlib, pickle, re, shutil, sys, time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -91,9 +90,14 @@ def to_sample(record, cfg, tokenizer, mcfg, skip, max_len=None):
         skip(f"record {record.get('id') if isinstance(record, dict) else record!r}: {e}")
 
 
+def start_loader(run):   # in each loader process: the run's (cfg, tokenizer, model config), passed rather than
+    global LOADER        # inherited so that spawning (macOS, Windows) works as forking does; one thread, as in
+    LOADER = run         # torch's DataLoader
+    torch.set_num_threads(1)
+
+
 def prepare(record):
-    """(Sample or None, why it was skipped), pickled: a loader process sends the sample back by value. Loader
-    processes are forked after train() has set LOADER to the run's (cfg, tokenizer, model config)."""
+    """(Sample or None, why it was skipped), pickled: a loader process prepares the next step's samples meanwhile."""
     reasons = []
     return pickle.dumps((to_sample(record, *LOADER, reasons.append, LOADER[0].budget), reasons))
 
@@ -205,7 +209,7 @@ class WithLoss(torch.nn.Module):
         x = m.embed(ids, pixels, sizes).to(self.act_dtype)   # tables follow its dtype, so q, k, v share one dtype
         hidden = m.decoder(x, positions, None, 0, cu_seqlens)[0, :-1]   # position t predicts token t + 1
         keep = labels[1:] != IGNORE
-        return F.cross_entropy(m.lm_head(hidden[keep]).float(), labels[1:][keep], reduction="sum")
+        return torch.nn.functional.cross_entropy(m.lm_head(hidden[keep]).float(), labels[1:][keep], reduction="sum")
 
 
 def step_flops(model, packs, train_vision):
@@ -304,13 +308,12 @@ def train(cfg, cuda, rank, world):
     if not records:
         sys.exit(f"no usable records in {cfg.data}")
     state = torch.load(os.path.join(latest, "trainer_state.pt"), weights_only=False) if cfg.resume else None
-    if cfg.resume:   # the weights and tokenizer of the last good checkpoint; the rest from its trainer_state.pt
-        model, tokenizer = interleave.load(latest, dtype=torch.float32), interleave.load_tokenizer(latest)
-    elif cfg.init in PRESETS:
+    if cfg.init in PRESETS and not cfg.resume:
         tokenizer = train_tokenizer(records)   # deterministic: every process trains the same one
         model = fresh_model(cfg.init, tokenizer, cfg.seed)
-    else:
-        model, tokenizer = interleave.load(cfg.init, dtype=torch.float32), interleave.load_tokenizer(cfg.init)
+    else:   # a checkpoint to fine-tune, or the last good one to resume (the rest from its trainer_state.pt)
+        source = latest if cfg.resume else cfg.init
+        model, tokenizer = interleave.load(source, dtype=torch.float32), interleave.load_tokenizer(source)
     model = model.to(device).train().set_attention(cfg.attn or ("triton" if cuda else "sdpa"))
     train_vision = cfg.init == "tiny" or cfg.train_vision   # a checkpoint (or its shape) keeps its tower frozen
     for name, p in model.vision.named_parameters():   # post_layernorm is stored but never applied (SPEC §1)
@@ -332,11 +335,8 @@ def train(cfg, cuda, rank, world):
     peak = next((v for k, v in PEAK_TFLOPS.items() if cuda and k in torch.cuda.get_device_name(device)), None)
     log(f"{sum(p.numel() for p in params):,} trained weights, {len(records)} records, {world}x {device}, step {step}")
     meter = np.zeros(6)   # since the last log line: seconds, tokens, FLOPs, packed tokens, pack room, steps
-    # Loader processes prepare the samples a step ahead (in threads, that Python work would hold the lock the model's
-    # Python needs): forked, so they inherit LOADER, and with one thread each, as torch's DataLoader makes them.
-    global LOADER
-    LOADER, n, workers = (cfg, tokenizer, model.config), len(records), min(8, os.cpu_count())
-    loader = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), torch.set_num_threads, (1,))
+    n, workers = len(records), min(8, os.cpu_count())   # processes: threads would hold the GIL the model's Python needs
+    loader = ProcessPoolExecutor(workers, initializer=start_loader, initargs=((cfg, tokenizer, model.config),))
     load = lambda start: [loader.submit(prepare, records[permutation(n, cfg.seed, i // n)[i % n]])   # noqa: E731
                           for i in range(start + rank, start + cfg.batch, world)]   # this process's share: futures
     upcoming = load(position)

@@ -125,6 +125,19 @@ def test_torchrun_two_processes_match_one(run, data, tmp_path):
     assert two == pytest.approx(one, rel=1e-5)
 
 
+def test_spawned_loader_processes_match_forked_ones(run, data, tmp_path):
+    """macOS and Windows start processes by spawning, which inherits nothing: the loader processes get the run's
+    settings passed to them, and a spawned run gives the losses of the forked one (the run fixture, on Linux)."""
+    out, result = run
+    code = "import multiprocessing, sys, train; multiprocessing.set_start_method('spawn'); train.main(sys.argv[1:])"
+    cmd = [sys.executable, "-c", code, *args(data, tmp_path, "--steps", 12, "--save-every", 12)]
+    done = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    state = torch.load(tmp_path / "latest" / "trainer_state.pt", weights_only=False)
+    assert state["progress"][2] == result["history"]
+
+
 def test_fine_tuning_trains_projector_and_decoder_only(data, tmp_path):
     init = tmp_path / "init"
     shutil.copytree(golden_path("untied", "hf"), init)   # tiny HF-layout checkpoint, untied, no image_newline
