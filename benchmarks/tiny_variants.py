@@ -48,6 +48,8 @@ def main(argv):
     names, args = (rest[:rest.index("--")], rest[rest.index("--") + 1:]) if "--" in rest else (rest, [])
     fit = float(names.pop(names.index("--fit") + 1)) if "--fit" in names else None
     names = [n for n in names if n != "--fit"]
+    if fit and len(names) != 1:
+        sys.exit(f"--fit times and trains one variant; got {len(names)}: {' '.join(names)}")
     os.makedirs(out, exist_ok=True)
     # A time limit (gpu_session.sh's `timeout`) stops this process: stop the run too, so the logs can be collected.
     signal.signal(signal.SIGTERM, lambda *_: [proc.kill() for proc in running] and sys.exit(1))
