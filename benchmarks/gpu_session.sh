@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Everything this project checks and measures on a GPU, in one call (device time is scarce; see README, Measurements):
-#   bash benchmarks/gpu_session.sh [OUTDIR [PART ...]]   # PART: kernels model train tiny sample (default: all but tiny)
+#   bash benchmarks/gpu_session.sh [OUTDIR [PART ...]]   # PART: kernels model train sample (the default), tiny, profile
 # 1. the kernel's self-check and TFLOP/s table (python kernels.py), 2. the model against the golden values on CUDA
 # (benchmarks/gpu_checks.py), 3. training tokens/s and MFU of the 0.5B-shaped model with packing (train.py), 4. decode
 # against transformers (benchmarks/sample_vs_reference.py); tiny (asked for by name, alone: 540 s): the embedded
 # model's recipe for as many steps as fit (benchmarks/tiny_variants.py --fit), the model and logs in OUTDIR/tiny.tgz.
+# profile (by name): where the time of the `train` part's steps goes (benchmarks/profile_train.py, GPU busy share).
 # Each part has its own time limit, so one that hangs does not cost the others; each writes OUTDIR/<part>.txt.
 set -u
 out=${1:-/tmp/gpu-session}
@@ -31,6 +32,9 @@ part model 100 $py benchmarks/gpu_checks.py
 part train 170 bash -c "$py data/make_m4.py --out /tmp/m4 --train 300 --val 1 --seed 0 && $py train.py \
   --init 0.5b-random --data /tmp/m4/train.json --out /tmp/train-bench --steps 30 --batch 64 --budget 16384 \
   --save-every 0"
+part profile 170 bash -c "$py data/make_m4.py --out /tmp/m4 --train 300 --val 1 --seed 0 && $py \
+  benchmarks/profile_train.py --init 0.5b-random --data /tmp/m4/train.json --out /tmp/train-prof --steps 11 \
+  --batch 64 --budget 16384 --save-every 0"
 part sample 120 $py benchmarks/sample_vs_reference.py --ref-python "$py" --repeats 5 \
   --dir /tmp/interleave-0.5b-hf-random
 part tiny 540 bash -c "t0=\$SECONDS; $py data/make_m4.py --out /tmp/m4-tiny --train 12000 --val 100 --seed 0 \
