@@ -97,7 +97,7 @@ def start_loader(run):   # in each loader process: the run's (cfg, tokenizer, mo
 
 
 def prepare(record):
-    """(Sample or None, why it was skipped), pickled: a loader process prepares the next step's samples meanwhile."""
+    """(Sample or None, why skipped) for the next step, pickled by value here, not as torch's shared-memory handles."""
     reasons = []
     return pickle.dumps((to_sample(record, *LOADER, reasons.append, LOADER[0].budget), reasons))
 

@@ -32,9 +32,9 @@ part model 100 $py benchmarks/gpu_checks.py
 part train 170 bash -c "$py data/make_m4.py --out /tmp/m4 --train 300 --val 1 --seed 0 && $py train.py \
   --init 0.5b-random --data /tmp/m4/train.json --out /tmp/train-bench --steps 30 --batch 64 --budget 16384 \
   --save-every 0"
-part profile 170 bash -c "$py data/make_m4.py --out /tmp/m4 --train 300 --val 1 --seed 0 && $py \
-  benchmarks/profile_train.py --init 0.5b-random --data /tmp/m4/train.json --out /tmp/train-prof --steps 11 \
-  --batch 64 --budget 16384 --save-every 0"
+part profile 170 bash -c "{ [ -f /tmp/m4/train.json ] || $py data/make_m4.py --out /tmp/m4 --train 300 --val 1 \
+  --seed 0; } && $py benchmarks/profile_train.py --init 0.5b-random --data /tmp/m4/train.json --out /tmp/train-prof \
+  --steps 11 --batch 64 --budget 16384 --save-every 0"   # the train part's data, drawn once
 part sample 120 $py benchmarks/sample_vs_reference.py --ref-python "$py" --repeats 5 \
   --dir /tmp/interleave-0.5b-hf-random
 part tiny 540 bash -c "t0=\$SECONDS; $py data/make_m4.py --out /tmp/m4-tiny --train 12000 --val 100 --seed 0 \

@@ -39,8 +39,8 @@ def pictures(data, kind, n=4000):
         else:   # the tile (64 x 64, as multi-patch cuts them) that holds the mark's centre
             image = Image.open(os.path.join(data, r["image"])).convert("RGB")
             rgb = np.asarray(image).astype(int)
-            ys_, xs_ = np.nonzero(rgb.max(-1) - rgb.min(-1) > 60)   # the mark: saturated; the background: grey
-            left, top = int(xs_.mean() // 64) * 64, int(ys_.mean() // 64) * 64
+            rows, cols = np.nonzero(rgb.max(-1) - rgb.min(-1) > 60)   # the mark: saturated; the background: grey
+            left, top = int(cols.mean() // 64) * 64, int(rows.mean() // 64) * 64
             image = image.crop((left, top, left + 64, top + 64))
         xs.append(interleave.image_to_pixels(image, 64))
         ys.append(SHAPES.index(answer.split()[1]))

@@ -29,7 +29,7 @@ VARIANTS = {   # name -> (vision fields, text fields) that differ from PRESETS["
 RUN = ("import json, sys, train; vision, text = json.loads(sys.argv[1]); train.PRESETS['tiny'][0].update(vision); "
        "train.PRESETS['tiny'][1].update(text); print('preset tiny:', train.PRESETS['tiny'], flush=True); "
        "train.main(sys.argv[2:])")
-running = []
+running = []   # the train.py process now running, for stop()
 
 
 def train(out, name, run_name, args):
@@ -43,6 +43,13 @@ def train(out, name, run_name, args):
     return open(folder + ".log").read().splitlines()
 
 
+def stop(*_):
+    """A time limit (gpu_session.sh's `timeout`) stops this process: stop the run too, so the logs can be collected."""
+    for proc in running:
+        proc.kill()
+    sys.exit(1)
+
+
 def main(argv):
     out, rest = argv[0], argv[1:]
     names, args = (rest[:rest.index("--")], rest[rest.index("--") + 1:]) if "--" in rest else (rest, [])
@@ -51,8 +58,7 @@ def main(argv):
     if fit and len(names) != 1:
         sys.exit(f"--fit times and trains one variant; got {len(names)}: {' '.join(names)}")
     os.makedirs(out, exist_ok=True)
-    # A time limit (gpu_session.sh's `timeout`) stops this process: stop the run too, so the logs can be collected.
-    signal.signal(signal.SIGTERM, lambda *_: [proc.kill() for proc in running] and sys.exit(1))
+    signal.signal(signal.SIGTERM, stop)
     started = time.time()
     for name in names:
         if fit:   # the timing run has no held-out set (its evaluation would be timed too), no checkpoint, no export
