@@ -1,6 +1,6 @@
 """Train LLaVA-NeXT-Interleave on M4-Instruct-format data: a tiny model from scratch, or fine-tune a checkpoint.
 
-    python train.py --init tiny --synthetic 4000 --out out/tiny --export models/m4-tiny     # the embedded model
+    python train.py --init tiny --synthetic 4000 --pretrain-tower 2500 --out out/tiny    # as the embedded model
     python train.py --init PATH --data m4.json --image-folder IMAGES --val val.json --out out/ft   # fine-tune
     torchrun --nproc_per_node 8 train.py ...      # the same run on 8 GPUs (DDP); --batch stays the global batch
 
@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.checkpoint import checkpoint
 
-import interleave
+import interleave, pretrain_tower
 from data import make_m4
 from interleave import IGNORE
 
@@ -55,6 +55,7 @@ class Config:
     budget: int = opt(1024, "tokens per packed sequence; a longer sample is truncated to it")
     lr: float = opt(2e-3, "peak learning rate of AdamW (weight decay 0.05 on matrices, gradient norm clipped at 1)")
     warmup: int = opt(100, "steps of linear warmup; then a cosine down to a tenth of --lr")
+    pretrain_tower: int = opt(0, "--init tiny: first train the tower alone for this many steps (pretrain_tower.py)")
     train_vision: bool = opt(False, "fine-tuning: train the vision tower too (from scratch it always is)")
     grad_ckpt: bool = opt(False, "activation checkpointing: recompute each block in the backward pass")
     bf16: bool = opt(None, "bf16 autocast (default: on a GPU)")
@@ -121,7 +122,7 @@ def train_tokenizer(records, vocab_size=512):
 
 # ==== Model: fresh or loaded; the checkpoint writer (llava-hf layout, the hub's key names)
 
-def fresh_model(preset, tokenizer, seed):
+def fresh_model(preset, tokenizer, seed, tower_steps=0, log=print):
     vision, text = interleave.VisionConfig(**PRESETS[preset][0]), interleave.TextConfig(**{
         "vocab": -(-tokenizer.get_vocab_size() // 64) * 64, "max_positions": 4096, "tie_embeddings": True,
         **PRESETS[preset][1]})
@@ -133,7 +134,7 @@ def fresh_model(preset, tokenizer, seed):
     for name, p in model.named_parameters():   # N(0, 0.02) weights, zero biases; norms stay 1 and 0
         if "norm" not in name:
             torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 or name == "image_newline" else torch.nn.init.zeros_(p)
-    return model
+    return pretrain_tower.pretrain(model, tower_steps, seed, log)   # stage 0, as the release's SigLIP; default: none
 
 
 def hf_config(c):
@@ -255,8 +256,7 @@ def evaluate(model, records, cfg, tokenizer, skip, device, step, log):
 
 def plot(history, evals, path):
     """loss.png, log scale: the training loss of every step in blue, held-out evaluations in red."""
-    w, h, pad, last = 720, 420, 50, history[-1][0]
-    values = [loss for _, loss in history] + [e["loss"] for e in evals]
+    w, h, pad, last, values = 720, 420, 50, history[-1][0], [loss for _, loss in history] + [e["loss"] for e in evals]
     lo, hi = math.log(max(min(values), 1e-6)), math.log(max(max(values), 1e-6))   # a loss may round to 0
     xy = lambda s, v: (pad + (w - 2 * pad) * s / last,   # noqa: E731
                        h - pad - (h - 2 * pad) * (math.log(max(v, 1e-6)) - lo) / (hi - lo or 1))
@@ -310,7 +310,7 @@ def train(cfg, cuda, rank, world):
     state = torch.load(os.path.join(latest, "trainer_state.pt"), weights_only=False) if cfg.resume else None
     if cfg.init in PRESETS and not cfg.resume:
         tokenizer = train_tokenizer(records)   # deterministic: every process trains the same one
-        model = fresh_model(cfg.init, tokenizer, cfg.seed)
+        model = fresh_model(cfg.init, tokenizer, cfg.seed, cfg.pretrain_tower, log)
     else:   # a checkpoint to fine-tune, or the last good one to resume (the rest from its trainer_state.pt)
         source = latest if cfg.resume else cfg.init
         model, tokenizer = interleave.load(source, dtype=torch.float32), interleave.load_tokenizer(source)

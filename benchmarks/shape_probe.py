@@ -3,13 +3,13 @@
     python benchmarks/shape_probe.py DATA --pictures multi_image --patch 16 --layers 2
 
 DATA is a folder written by data/make_m4.py (the embedded model's run drew its own into OUT/data). Pictures and
-shapes come from its perception records: multi_image, the picture that "Describe image k." asks about ("red
-circle"); mark_tiles, the 64-pixel multi-patch tile that holds the centre of the small mark ("Describe the small
-mark."), found as the mean of its saturated pixels: the tile the tower sees the mark in. 4,000 pictures, the first
-3,500 to train on and 500 held out. The tower of train.py's "tiny" preset (--patch and --layers change it) and a
-linear head on its mean feature are trained by AdamW (lr 1e-3, batch 64, 1,500 steps, seed 0); the held-out
-accuracy is printed every 250 steps. End to end the tower learns the shapes only through the decoder's answers:
-this tells apart "the tower cannot see them" from "the signal reaches it too slowly".
+shapes come from its perception records: multi_image, the three pictures that "Describe the images." asks about
+("red circle, red square, red circle"); mark_tiles, the 64-pixel multi-patch tile that holds the centre of the
+small mark ("Describe the small mark."), found as the mean of its saturated pixels: the tile the tower sees the mark
+in. 4,000 pictures, the first 3,500 to train on and 500 held out. The tower of train.py's "tiny" preset (--patch and
+--layers change it) and a linear head on its mean feature are trained by AdamW (lr 1e-3, batch 64, 1,500 steps,
+seed 0); the held-out accuracy is printed every 250 steps. End to end the tower learns the shapes only through the
+decoder's answers: this tells apart "the tower cannot see them" from "the signal reaches it too slowly".
 """
 import argparse
 import json
@@ -31,21 +31,23 @@ def pictures(data, kind, n=4000):
     """(pixels (n, 3, 64, 64), shape indices (n,)) from the perception records of DATA/train.json."""
     xs, ys = [], []
     for r in json.load(open(os.path.join(data, "train.json"))):
-        question, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        answer = r["conversations"][1]["value"]
         if r["metadata"]["asks"] != "perception" or r["metadata"]["task"] != kind.replace("mark_tiles", "multi_patch"):
             continue
-        if kind == "multi_image":
-            image = Image.open(os.path.join(data, r["image"][int(question.split("Describe image ")[1][0]) - 1]))
+        if kind == "multi_image":   # "Describe the images." -> "red circle, red square, red circle"
+            found = [(Image.open(os.path.join(data, path)), described.split()[1])
+                     for path, described in zip(r["image"], answer.split(", "))]
         else:   # the tile (64 x 64, as multi-patch cuts them) that holds the mark's centre
             image = Image.open(os.path.join(data, r["image"])).convert("RGB")
             rgb = np.asarray(image).astype(int)
             rows, cols = np.nonzero(rgb.max(-1) - rgb.min(-1) > 60)   # the mark: saturated; the background: grey
             left, top = int(cols.mean() // 64) * 64, int(rows.mean() // 64) * 64
-            image = image.crop((left, top, left + 64, top + 64))
-        xs.append(interleave.image_to_pixels(image, 64))
-        ys.append(SHAPES.index(answer.split()[1]))
-        if len(xs) == n:
-            break
+            found = [(image.crop((left, top, left + 64, top + 64)), answer.split()[1])]
+        for image, shape in found:
+            xs.append(interleave.image_to_pixels(image, 64))
+            ys.append(SHAPES.index(shape))
+        if len(xs) >= n:
+            return torch.stack(xs[:n]), torch.tensor(ys[:n])
     return torch.stack(xs), torch.tensor(ys)
 
 

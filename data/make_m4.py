@@ -8,15 +8,17 @@ generator, seeded by (seed, split, task, index), so the held-out split never sha
 
 The tasks are made for a tiny model trained from scratch: plain shapes in saturated colours, answers of one word or
 one digit, a few choices each. A --perception fraction of the training records ask, about the same pictures, what
-they show instead of the task's question ("Describe image 2." "red circle"; the moving shape; the small mark; which
-colours are in the scene): a model that learns its vision from scratch gets direct signal about the pictures, in one
-question form that all four families share. The held-out split asks only the tasks' questions.
+they show instead of the task's question ("Describe the images." "red circle, red square, red circle"; the moving
+shape; the small mark; which colours are in the scene): a model that learns its vision from scratch gets direct
+signal about the pictures, in one question form that all four families share. The held-out split asks only the
+tasks' questions.
 - multi_image: three pictures of one shape, one of them differs in shape or colour: which one? (1, 2 or 3)
 - video: a shape moves across 8 frames (the question samples 4): which way? (left, right, up or down)
 - multi_view: 1 to 3 solids on a floor, seen from the front, the side and above: how many? Solids may hide each
   other in the low views, never from above.
 - multi_patch: one large picture (2x the base size on one or both sides) with one small mark: which shape is it?
-  The squashed base view shrinks the mark to half its size (8 to 10 pixels); the tiles keep it whole.
+  The mark lies inside one of the size x size tiles that multi-patch cuts (never across two); the squashed base
+  view shrinks it to half its size (8 to 10 pixels), the tile keeps it whole.
 """
 import argparse
 import json
@@ -54,9 +56,8 @@ def draw_shape(draw, shape, cx, cy, r, fill):
     cx, cy, r = cx * SUPER, cy * SUPER, r * SUPER
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "square":
-        s = 0.85 * r
-        draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
+    elif shape == "square":   # as wide as the circle: at 0.85 r the two differed by a few corner pixels
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
     else:
         draw.polygon([(cx, cy - r), (cx + 0.95 * r, cy + 0.8 * r), (cx - 0.95 * r, cy + 0.8 * r)], fill=fill)
 
@@ -78,7 +79,7 @@ def multi_image(rng, size):
         drawn.append((s, c))
     question = ("Image 1: <image>\nImage 2: <image>\nImage 3: <image>\n"
                 "One of these images is different from the other two. Which one? Answer with its number.")
-    about = [(f"Describe image {k + 1}.", f"{c} {s}") for k, (s, c) in enumerate(drawn)]
+    about = [("Describe the images.", ", ".join(f"{c} {s}" for s, c in drawn))]   # every picture's shape and colour
     return images, question, str(odd + 1), {"differs_in": by}, about
 
 
@@ -149,7 +150,8 @@ def multi_patch(rng, size):
     width, height = rng.choice(((2 * size, 2 * size), (2 * size, size), (size, 2 * size)))
     image, draw = canvas(rng, width, height)
     shape, colour, r = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.uniform(0.12, 0.15) * size
-    draw_shape(draw, shape, rng.uniform(r + 2, width - r - 2), rng.uniform(r + 2, height - r - 2), r,
+    left, top = rng.randrange(0, width, size), rng.randrange(0, height, size)   # inside one tile, never cut in two
+    draw_shape(draw, shape, left + rng.uniform(r + 2, size - r - 2), top + rng.uniform(r + 2, size - r - 2), r,
                jitter(rng, COLOURS[colour]))
     question = "<image>\nWhat is the shape of the small mark? Answer circle, square or triangle."
     about = [("Describe the small mark.", f"{colour} {shape}")]

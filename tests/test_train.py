@@ -1,17 +1,22 @@
 """train.py on CPU: the loss goes down, resume reproduces the loss curve, two gloo processes match one, checkpoints
 load back (interleave.load) with identical logits and give transformers' logits, fine-tuning keeps the tower frozen, bad records and NaN losses."""
+import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import interleave
+import pretrain_tower
 import train
 from data import make_m4
 from helpers import golden_path, max_diff, write_tiny_tokenizer
@@ -34,6 +39,38 @@ def test_synthetic_data_does_not_depend_on_the_number_of_drawing_processes(data,
     pictures = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.png"))
     assert len(pictures) > 16 and pictures == sorted(p.relative_to(data) for p in data.rglob("*.png"))
     assert all((tmp_path / p).read_bytes() == (data / p).read_bytes() for p in pictures)
+
+
+def test_the_small_mark_lies_inside_one_tile_and_perception_names_every_picture():
+    for i in range(40):   # drawn anywhere, about a third of the marks were cut in two by the tiles' edges
+        images, _, shape, _, about = make_m4.make_example("multi_patch", 0, "train", i)
+        rgb = np.asarray(images[0]).astype(int)
+        rows, cols = np.nonzero(rgb.max(-1) - rgb.min(-1) > 60)   # the mark's saturated pixels
+        assert rows.min() // 64 == rows.max() // 64 and cols.min() // 64 == cols.max() // 64, (i, images[0].size)
+        assert about == [("Describe the small mark.", about[0][1])] and about[0][1].endswith(" " + shape)
+    for i in range(10):
+        _, _, odd, meta, about = make_m4.make_example("multi_image", 0, "train", i)
+        described = [words.split() for words in about[0][1].split(", ")]   # "red circle, red square, red circle"
+        assert about[0][0] == "Describe the images." and len(described) == 3
+        part = ["colour", "shape"].index(meta["differs_in"])
+        others = [d[part] for k, d in enumerate(described) if k != int(odd) - 1]
+        assert others[0] == others[1] != described[int(odd) - 1][part], (i, about)
+
+
+def test_pretraining_the_tower_trains_the_tower_only(data, monkeypatch):
+    tokenizer = train.train_tokenizer(json.loads((data / "train.json").read_text()))
+    monkeypatch.setattr(pretrain_tower, "pretrain", functools.partial(pretrain_tower.pretrain, count=60, held_out=60))
+    before, logged = train.fresh_model("tiny", tokenizer, 0), []
+    after = train.fresh_model("tiny", tokenizer, 0, 100, lambda line, **_: logged.append(line))   # 180 pictures
+    for (name, a), b in zip(before.named_parameters(), after.parameters()):
+        moved = name.startswith("vision.") and not name.startswith("vision.post_layernorm")   # that is never applied
+        assert torch.equal(a, b) != moved, name
+    colour = float(re.search(r"the colour ([0-9.]+)%", logged[0]).group(1))
+    assert colour >= 90, logged   # held-out pictures; 25% is chance, the shapes take thousands of steps
+    small = types.SimpleNamespace(vision=interleave.VisionTower(interleave.VisionConfig(
+        hidden=32, intermediate=64, heads=2, layers=1, image_size=384, patch_size=32)))
+    with pytest.raises(SystemExit, match="64-pixel tower, not a 384-pixel one"):
+        pretrain_tower.pretrain(small, 10, 0)
 
 
 def args(data, out, *extra):
