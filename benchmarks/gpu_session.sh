@@ -40,5 +40,5 @@ part sample 120 $py benchmarks/sample_vs_reference.py --ref-python "$py" --repea
 part tiny 540 bash -c "t0=\$SECONDS; $py data/make_m4.py --out /tmp/m4-tiny --train 12000 --val 100 --seed 0 \
   --workers 16 && $py benchmarks/tiny_variants.py /tmp/tiny p16 --fit \$((520 - SECONDS + t0)) -- --data \
   /tmp/m4-tiny/train.json --val /tmp/m4-tiny/val.json --batch 32 --budget 16384 --lr 1.5e-3 --warmup 100 \
-  --eval-every 2000 --save-every 0 --seed 0 --attn sdpa; tar czf $out/tiny.tgz -C /tmp/tiny ."
+  --pretrain-tower 2500 --eval-every 2000 --save-every 0 --seed 0 --attn sdpa; tar czf $out/tiny.tgz -C /tmp/tiny ."
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu,power.draw --format=csv | tee -a "$out/env.txt"

@@ -61,11 +61,12 @@ def main(argv):
     signal.signal(signal.SIGTERM, stop)
     started = time.time()
     for name in names:
-        if fit:   # the timing run has no held-out set (its evaluation would be timed too), no checkpoint, no export
+        if fit:   # the timing run: no held-out set (its evaluation would be timed too), no checkpoint, export, stage 0
             train(out, name, name + "-time", args + ["--steps", "100", "--eval-every", "0", "--save-every", "0",
-                                                     "--val", "", "--export", ""])
+                                                     "--val", "", "--export", "", "--pretrain-tower", "0"])
             per_step = (time.time() - started) / 100   # start-up included: an over-estimate, on the safe side
-            steps = min(24000, int((fit - (time.time() - started) - 90) / per_step))   # 90 s: evaluations, export
+            spare = 90 + 240 * ("--pretrain-tower" in args)   # evaluations and export; stage 0 (CPU, ~2.5 min)
+            steps = min(24000, int((fit - (time.time() - started) - spare) / per_step))
             print(f"{name}: 100 steps took {100 * per_step:.0f} s with start-up; running {steps} steps", flush=True)
             if steps < 100:
                 continue
