@@ -23,6 +23,15 @@ from data import make_m4
 SHAPES, COLOURS = list(make_m4.SHAPES), list(make_m4.COLOURS)
 
 
+def mark_tile(image, size):
+    """The size x size multi-patch tile of a make_m4 multi-patch picture that holds the centre of its small mark (the
+    mean of the only saturated pixels: the background is grey)."""
+    rgb = np.asarray(image.convert("RGB")).astype(int)
+    rows, cols = np.nonzero(rgb.max(-1) - rgb.min(-1) > 60)
+    left, top = int(cols.mean() // size) * size, int(rows.mean() // size) * size
+    return image.crop((left, top, left + size, top + size))
+
+
 def labelled_pictures(count, seed, size):
     """(pixels (n, 3, size, size), shape indices (n,), colour indices (n,)): 3 pictures per multi-image example and the
     mark's tile of each multi-patch example, `count` examples of each."""
@@ -31,11 +40,8 @@ def labelled_pictures(count, seed, size):
         for task in ("multi_image", "multi_patch"):
             images, _, _, _, about = make_m4.make_example(task, seed, "pretrain", i, size)
             described = about[0][1].split(", ")   # "red circle, red square, red circle" or "blue triangle"
-            if task == "multi_patch":   # the tile with the mark: its only saturated pixels (the background is grey)
-                rgb = np.asarray(images[0]).astype(int)
-                rows, cols = np.nonzero(rgb.max(-1) - rgb.min(-1) > 60)
-                top, left = rows.min() // size * size, cols.min() // size * size
-                images = [images[0].crop((left, top, left + size, top + size))]
+            if task == "multi_patch":
+                images = [mark_tile(images[0], size)]
             for image, words in zip(images, described):
                 colour, shape = words.split()
                 pixels.append(interleave.image_to_pixels(image, size))

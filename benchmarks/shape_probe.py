@@ -16,15 +16,13 @@ import json
 import os
 import sys
 
-import numpy as np
 import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import interleave  # noqa: E402
 import train  # noqa: E402
-
-SHAPES = ["circle", "square", "triangle"]
+from pretrain_tower import SHAPES, mark_tile  # noqa: E402
 
 
 def pictures(data, kind, n=4000):
@@ -37,12 +35,8 @@ def pictures(data, kind, n=4000):
         if kind == "multi_image":   # "Describe the images." -> "red circle, red square, red circle"
             found = [(Image.open(os.path.join(data, path)), described.split()[1])
                      for path, described in zip(r["image"], answer.split(", "))]
-        else:   # the tile (64 x 64, as multi-patch cuts them) that holds the mark's centre
-            image = Image.open(os.path.join(data, r["image"])).convert("RGB")
-            rgb = np.asarray(image).astype(int)
-            rows, cols = np.nonzero(rgb.max(-1) - rgb.min(-1) > 60)   # the mark: saturated; the background: grey
-            left, top = int(cols.mean() // 64) * 64, int(rows.mean() // 64) * 64
-            found = [(image.crop((left, top, left + 64, top + 64)), answer.split()[1])]
+        else:   # the tile (64 x 64, as multi-patch cuts them) that holds the mark
+            found = [(mark_tile(Image.open(os.path.join(data, r["image"])), 64), answer.split()[1])]
         for image, shape in found:
             xs.append(interleave.image_to_pixels(image, 64))
             ys.append(SHAPES.index(shape))
