@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Everything this project checks and measures on a GPU, in one call (device time is scarce; see README, Measurements):
-#   bash benchmarks/gpu_session.sh [OUTDIR [PART ...]]   # PART: kernels model train sample (the default), tiny, profile
+#   bash benchmarks/gpu_session.sh [OUTDIR [PART ...]]   # PART: kernels model train sample (the default), profile
 # 1. the kernel's self-check and TFLOP/s table (python kernels.py), 2. the model against the golden values on CUDA
 # (benchmarks/gpu_checks.py), 3. training tokens/s and MFU of the 0.5B-shaped model with packing (train.py), 4. decode
-# against transformers (benchmarks/sample_vs_reference.py); tiny (asked for by name, alone: 540 s): the embedded
-# model's recipe for as many steps as fit (benchmarks/tiny_variants.py --fit), the model and logs in OUTDIR/tiny.tgz.
+# against transformers (benchmarks/sample_vs_reference.py);
 # profile (by name): where the time of the `train` part's steps goes (benchmarks/profile_train.py, GPU busy share).
 # Each part has its own time limit, so one that hangs does not cost the others; each writes OUTDIR/<part>.txt.
 set -u
@@ -37,8 +36,4 @@ part profile 170 bash -c "{ [ -f /tmp/m4/train.json ] || $py data/make_m4.py --o
   --steps 11 --batch 64 --budget 16384 --save-every 0"   # the train part's data, drawn once
 part sample 120 $py benchmarks/sample_vs_reference.py --ref-python "$py" --repeats 5 \
   --dir /tmp/interleave-0.5b-hf-random
-part tiny 540 bash -c "t0=\$SECONDS; $py data/make_m4.py --out /tmp/m4-tiny --train 12000 --val 100 --seed 0 \
-  --workers 16 && $py benchmarks/tiny_variants.py /tmp/tiny p16 --fit \$((520 - SECONDS + t0)) -- --data \
-  /tmp/m4-tiny/train.json --val /tmp/m4-tiny/val.json --batch 32 --budget 16384 --lr 1.5e-3 --warmup 100 \
-  --pretrain-tower 2500 --eval-every 2000 --save-every 0 --seed 0 --attn sdpa; tar czf $out/tiny.tgz -C /tmp/tiny ."
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu,power.draw --format=csv | tee -a "$out/env.txt"

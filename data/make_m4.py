@@ -1,4 +1,4 @@
-"""A synthetic M4-Instruct data set, drawn with Pillow: one task family per scenario of the paper (SPEC §5).
+"""A synthetic M4-Instruct data set, drawn with Pillow: one task family per scenario of the paper (docs/MODEL.md §5).
 
     python data/make_m4.py --out data/m4 --train 2000 --val 100 --seed 0      # counts are per task family
 

@@ -1,4 +1,4 @@
-"""Exercise 1 (warm-up): RMSNorm, the normalisation of every Qwen2 decoder block (SPEC.md §1).
+"""Exercise 1 (warm-up): RMSNorm, the normalisation of every Qwen2 decoder block (docs/MODEL.md §1).
 
 Read first: interleave.RMSNorm. Check: python -m pytest exercises -k rmsnorm
 """

@@ -1,4 +1,4 @@
-"""Exercise 2 (warm-up): rotary position embedding, "rotate half" convention (SPEC.md §1).
+"""Exercise 2 (warm-up): rotary position embedding, "rotate half" convention (docs/MODEL.md §1).
 
 Read first: interleave.rotary_tables and interleave.apply_rotary. Check: python -m pytest exercises -k rotary
 """

@@ -1,4 +1,4 @@
-"""Exercise 3 (warm-up): which frames of a video become images (SPEC.md §4, the video scenario).
+"""Exercise 3 (warm-up): which frames of a video become images (docs/MODEL.md §4, the video scenario).
 
 Read first: interleave.sample_frame_indices, interleave.read_video_frames. Check: python -m pytest exercises -k frames
 """

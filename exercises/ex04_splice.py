@@ -1,4 +1,4 @@
-"""Exercise 4 (easy): splice the image features into the token stream (SPEC.md §3).
+"""Exercise 4 (easy): splice the image features into the token stream (docs/MODEL.md §3).
 
 Read first: LlavaInterleave.embed in interleave.py. Check: python -m pytest exercises -k splice
 """

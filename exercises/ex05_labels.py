@@ -1,4 +1,4 @@
-"""Exercise 5 (easy): training labels, the loss only on the assistant's replies (SPEC.md §5).
+"""Exercise 5 (easy): training labels, the loss only on the assistant's replies (docs/MODEL.md §5).
 
 Read first: interleave.chat_segments, interleave.encode_prompt, interleave.build_inputs.
 Check: python -m pytest exercises -k labels

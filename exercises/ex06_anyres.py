@@ -1,4 +1,4 @@
-"""Exercise 6 (medium): multi-patch ("anyres"): choose the canvas, then unpad the tile features (SPEC.md §4.1, §4.5).
+"""Exercise 6 (medium): multi-patch ("anyres"): choose the canvas, then unpad the tile features (docs/MODEL.md §4.1, §4.5).
 
 Read first: interleave.select_canvas, interleave.multipatch_layout, LlavaInterleave.merge_tiles.
 Check: python -m pytest exercises -k anyres

@@ -1,4 +1,4 @@
-"""Exercise 7 (medium): pack several training samples into one sequence (SPEC.md §5).
+"""Exercise 7 (medium): pack several training samples into one sequence (docs/MODEL.md §5).
 
 Read first: interleave.pack_samples, interleave.visibility. Check: python -m pytest exercises -k packing
 """

@@ -1,4 +1,4 @@
-"""Exercise 8 (medium): the top-p (nucleus) sampling filter (the releases sample with top_p 0.8, SPEC.md §3).
+"""Exercise 8 (medium): the top-p (nucleus) sampling filter (the releases sample with top_p 0.8, docs/MODEL.md §3).
 
 Read first: interleave.next_token. Check: python -m pytest exercises -k top_p
 """

@@ -1,4 +1,4 @@
-"""config.json of both release layouts -> ModelConfig, with the traps of SPEC §2."""
+"""config.json of both release layouts -> ModelConfig, with the traps of docs/MODEL.md §2."""
 import pytest
 
 import interleave

@@ -40,7 +40,7 @@ def slot_runs(ids, slot):
     return [tuple(run) for run in runs]
 
 
-# ---- Multi-patch (anyres): an independent re-derivation of the ORIGINAL release's rule, written from SPEC §4
+# ---- Multi-patch (anyres): an independent re-derivation of the ORIGINAL release's rule, written from docs/MODEL.md §4
 
 def original_rule_tokens(w0, h0, tile=384, s=27, pinpoints=((384, 768), (768, 384), (768, 768), (1152, 384),
                                                              (384, 1152))):
@@ -61,7 +61,7 @@ def original_rule_tokens(w0, h0, tile=384, s=27, pinpoints=((384, 768), (768, 38
 
 
 @pytest.mark.parametrize("size, canvas, tokens", [
-    ((1000, 1000), (768, 768), 3699),      # SPEC §4's example: 729 + 54 * 55
+    ((1000, 1000), (768, 768), 3699),      # docs/MODEL.md §4's example: 729 + 54 * 55
     ((1000, 300), (1152, 384), 2779),      # wide: 3 tiles in a row, 25 of 27 rows kept
     ((300, 1000), (384, 1152), 2835),      # tall: 3 tiles in a column, 25 of 27 columns kept
     ((5000, 4000), (768, 768), 3149),      # huge: 44 of 54 rows kept
@@ -103,7 +103,7 @@ def anyres_model():
 @pytest.mark.parametrize("name, info", ANYRES, ids=[name for name, _ in ANYRES])
 def test_multipatch_matches_reference_or_the_original_rule(anyres_model, name, info):
     """Views and spliced features of tests/goldens/make_anyres_goldens.py: transformers' LLaVA-NeXT where it follows
-    the original release; where it departs (SPEC §4 "!"), the golden maker's re-derivation of the original rule."""
+    the original release; where it departs (docs/MODEL.md §4 "!"), the golden maker's re-derivation of the original rule."""
     g = golden("anyres")
     key = name if info["fair_comparison"] else f"{name}.original_rule"
     image = Image.open(golden_path("anyres", info["file"]))

@@ -109,7 +109,7 @@ def test_checkpoint_loads_back_with_identical_logits(run, data):
             a = model(sample.input_ids[None], sample.pixel_values, sample.image_sizes)
             b = loaded(sample.input_ids[None], sample.pixel_values, sample.image_sizes)
         assert torch.equal(a, b)
-    with safe_open(str(out / "latest" / "model.safetensors"), "pt") as f:   # the hub's names, as SPEC §2 lists
+    with safe_open(str(out / "latest" / "model.safetensors"), "pt") as f:   # the hub's names, as docs/MODEL.md §2 lists
         keys = set(f.keys())
     assert "image_newline" in keys and "language_model.lm_head.weight" not in keys   # tied, as 0.5B
     assert {"language_model.model.embed_tokens.weight", "multi_modal_projector.linear_1.weight",
