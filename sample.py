@@ -1,17 +1,21 @@
 """Ask LLaVA-NeXT-Interleave about several images, video frames, the views of a 3D scene or one large image.
 
-  python sample.py                                  # the built-in demo on the embedded tiny model, offline
-  python sample.py --model llava-hf/llava-interleave-qwen-0.5b-hf --image a.jpg --image b.png "Compare <image> <image>"
+  python sample.py                     # the built-in demo on the embedded tiny model, offline
+  python sample.py --model llava-hf/llava-interleave-qwen-0.5b-hf \\
+      --image a.jpg --image b.png "Compare <image> <image>"
   python sample.py --model PATH --video clip.gif --num-frames 16 "What happens in this video?"
   python sample.py --model PATH --views v1.png v2.png v3.png "How many chairs are in the room?"
-  python sample.py --model lmms-lab/llava-next-interleave-qwen-0.5b --image photo.jpg --anyres "What does it say?"
+  python sample.py --model lmms-lab/llava-next-interleave-qwen-0.5b \\
+      --image photo.jpg --anyres "What does it say?"
 
-Images go to the model in the order --image, --video frames, --views. Without a prompt, a terminal on stdin starts a
-chat (the images stay in the conversation); otherwise stdin is the prompt. The answer streams to stdout, statistics
-go to stderr (--quiet silences them). Bad input gives one line on stderr and exit status 2.
+Images go to the model in the order --image, --video frames, --views. Without a prompt, a terminal
+on stdin starts a chat (the images stay in the conversation); otherwise stdin is the prompt. The
+answer streams to stdout, statistics go to stderr (--quiet silences them). Bad input gives one line
+on stderr and exit status 2.
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -26,25 +30,32 @@ import interleave
 EMBEDDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "m4-tiny")   # made by train.py
 IMAGE_FILES = interleave.FRAME_EXTENSIONS + (".tif", ".tiff")
 GREEDY = dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=256)
+TILE = 256     # --viz: the side of each image's square on the sheet, in pixels
+PER_ROW = 4    # --viz: squares per row of the sheet
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompt", nargs="?", help="the question; each <image> marks where an image goes (none: in front)")
+    p.add_argument("prompt", nargs="?",
+                   help="the question; each <image> marks where an image goes (none: in front)")
     p.add_argument("--model", help="a checkpoint folder or a hub id (default: the embedded tiny model)")
-    p.add_argument("--demo", action="store_true", help="one question per scenario (the default without arguments)")
+    p.add_argument("--demo", action="store_true",
+                   help="one question per scenario (the default without arguments)")
     p.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
-    p.add_argument("--video", help="an animated GIF/WebP/PNG or a folder of frames; each frame is one image")
+    p.add_argument("--video",
+                   help="an animated GIF/WebP/PNG or a folder of frames; each frame is one image")
     p.add_argument("--num-frames", type=int, default=16, help="frames sampled uniformly from the video (16)")
     p.add_argument("--views", nargs="+", default=[], help="the views of a 3D scene")
     p.add_argument("--anyres", action="store_true", help="multi-patch: cut the one image into tiles (more detail)")
-    g = p.add_argument_group("generation (default: greedy, or what the checkpoint's generation_config.json says; "
-                             "--temperature above 0 samples, --seed makes it repeatable)")
+    g = p.add_argument_group("generation (default: greedy, or what the checkpoint's "
+                             "generation_config.json says; --temperature above 0 samples, "
+                             "--seed makes it repeatable)")
     for name, kind in (("max-new-tokens", int), ("temperature", float), ("top-k", int), ("top-p", float),
                        ("repetition-penalty", float), ("seed", int)):
         g.add_argument("--" + name, type=kind)
     p.add_argument("--device", help="cuda, mps or cpu (default: the first of these that is available)")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default: bf16 on a GPU, else fp32")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                   help="default: bf16 on a GPU, else fp32")
     p.add_argument("--attn", choices=interleave.ATTENTION_IMPLS, help="default: triton on CUDA, else sdpa")
     p.add_argument("--viz", metavar="OUT.png", help="draw where the answer looked in each image")
     p.add_argument("--quiet", action="store_true", help="no statistics on stderr")
@@ -52,9 +63,12 @@ def parse_args(argv):
 
 
 def generation_settings(args, path, log):
-    """Greedy, unless the checkpoint's generation_config.json says otherwise; command-line options win over both.
-    As in transformers, temperature/top-k/top-p apply only when the file sets do_sample; the penalty always does."""
-    settings, stops, file = dict(GREEDY), [], os.path.join(path, "generation_config.json")
+    """Greedy, unless the checkpoint's generation_config.json says otherwise; command-line options
+    win over both. As in transformers, temperature/top-k/top-p apply only when the file sets
+    do_sample; the penalty always does. Returns (settings, the file's eos ids)."""
+    settings = dict(GREEDY)
+    stops = []
+    file = os.path.join(path, "generation_config.json")
     if os.path.isfile(file):
         try:
             with open(file) as f:
@@ -65,52 +79,83 @@ def generation_settings(args, path, log):
         keys = ("repetition_penalty", "max_new_tokens", *sampling)
         found = {key: config[key] for key in keys if config.get(key) is not None}
         settings.update(found)
-        eos = config.get("eos_token_id")
-        stops = eos if isinstance(eos, list) else [] if eos is None else [eos]
-        log(f"defaults from {os.path.basename(file)}: " + (", ".join(f"{k} {v}" for k, v in found.items()) or "greedy"))
-    settings.update({key: getattr(args, key) for key in settings if getattr(args, key) is not None})
+        eos = config.get("eos_token_id")   # one id, a list of them, or absent
+        if eos is not None:
+            stops = eos if isinstance(eos, list) else [eos]
+        described = ", ".join(f"{k} {v}" for k, v in found.items())
+        log(f"defaults from {os.path.basename(file)}: " + (described or "greedy"))
+    for key in settings:
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
     if settings["max_new_tokens"] < 1:
-        raise interleave.InputError(f"--max-new-tokens must be at least 1, not {settings['max_new_tokens']}")
+        raise interleave.InputError(
+            f"--max-new-tokens must be at least 1, not {settings['max_new_tokens']}")
     return settings, stops
 
 
 class Stream:
-    """Prints the answer as its tokens arrive. Byte-level BPE may split one character over several tokens, so the
-    tokens so far are decoded as a whole and only the new text is printed, holding back a trailing U+FFFD (an
-    unfinished character) until the next token completes it."""
+    """Prints the answer as its tokens arrive. Byte-level BPE may split one character over several
+    tokens, so the tokens so far are decoded as a whole and only the new text is printed, holding
+    back a trailing U+FFFD (an unfinished character) until the next token completes it."""
 
     def __init__(self, tokenizer, stop_ids, out):
-        self.tokenizer, self.stop_ids, self.out = tokenizer, set(stop_ids), out
-        self.ids, self.shown, self.stopped, self.first_at = [], "", False, None
+        self.tokenizer = tokenizer
+        self.stop_ids = set(stop_ids)
+        self.out = out
+        self.ids = []           # the answer's tokens, without the stop token
+        self.shown = ""         # the text printed so far
+        self.stopped = False    # a stop token came: later tokens are not shown
+        self.first_at = None    # time.perf_counter() at the first token
 
     def __call__(self, token):
-        self.first_at = self.first_at or time.perf_counter()
-        self.stopped = self.stopped or int(token[0]) in self.stop_ids
+        if not self.first_at:
+            self.first_at = time.perf_counter()
+        if not self.stopped and int(token[0]) in self.stop_ids:
+            self.stopped = True
         if not self.stopped:
             self.ids.append(int(token[0]))
             self.flush(final=False)
 
     def flush(self, final=True):
+        """Print the text not shown yet (when final: all of it, and a newline); return the answer."""
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if final or not text.endswith("\ufffd"):
-            self.out.write(text[len(self.shown):] + "\n" * final)
+            ending = "\n" if final else ""
+            self.out.write(text[len(self.shown):] + ending)
             self.out.flush()
             self.shown = text
         return text
 
 
+@dataclasses.dataclass
+class AttentionRecord:
+    """The attention to each prompt position, added up over `steps` (layer, decoding step) pairs.
+    record[0] and record[1] still read total and steps, as in the list this record was."""
+    total: torch.Tensor   # (prompt_len,)
+    steps: int = 0
+
+    def __getitem__(self, index):
+        return (self.total, self.steps)[index]
+
+
 @contextlib.contextmanager
 def recording_attention(prompt_len):
-    """For --viz: wraps interleave.attention (looked up at each call) to add up, in every layer at every decoding step,
-    the newest token's attention to the prompt, averaged over heads. Yields [sum (prompt_len,), count]."""
-    record, inner = [torch.zeros(prompt_len), 0], interleave.attention
+    """For --viz: wraps interleave.attention (looked up at each call) to add up, in every layer at
+    every decoding step, the newest token's attention to the prompt, averaged over heads. Yields an
+    AttentionRecord, which also reads as [sum (prompt_len,), count]."""
+    record = AttentionRecord(total=torch.zeros(prompt_len))
+    inner = interleave.attention
 
     def attention(q, k, v, causal, impl, scale=None, cu_seqlens=None):
-        if causal and q.shape[2] == 1:   # a decoding step: one query, the newest token (the tower is not causal)
-            keys = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)                      # GQA: (B, H, Tk, D)
-            scores = (q.float() @ keys.float().transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
-            record[0] += scores.softmax(-1).mean(dim=(0, 1, 2))[:prompt_len].cpu()        # (B, H, 1, Tk) -> (T,)
-            record[1] += 1
+        """interleave.attention, adding each decoding step's attention to record on the way."""
+        # A decoding step has one query, the newest token (the vision tower is not causal)
+        if causal and q.shape[2] == 1:
+            keys = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)     # GQA: (B, H, Tk, D)
+            factor = scale or q.shape[-1] ** -0.5
+            scores = (q.float() @ keys.float().transpose(-1, -2)) * factor   # (B, H, 1, Tk)
+            share = scores.softmax(-1).mean(dim=(0, 1, 2))                   # (Tk,)
+            record.total += share[:prompt_len].cpu()                         # (T,)
+            record.steps += 1
         return inner(q, k, v, causal, impl, scale, cu_seqlens)
 
     interleave.attention = attention
@@ -121,108 +166,157 @@ def recording_attention(prompt_len):
 
 
 def draw_attention(out_file, images, names, sample, weights, config, log):
-    """Red where the answer looked, over a grey copy of each image: the plain image's grid*grid slots, or the tile
-    grid of a multi-patch image (its image_newline column dropped). One colour scale for all images."""
+    """Red where the answer looked, over a grey copy of each image: the plain image's grid*grid
+    slots, or the tile grid of a multi-patch image (its image_newline column dropped). One colour
+    scale for all images."""
+    # ---- cut the weights (T,) into one map per image
     s = config.vision.image_size // config.vision.patch_size
-    begin, maps, shares = 0, [], []
-    for size in sample.image_sizes:   # each image's slots are contiguous, in image order, with text in between
+    begin = 0
+    maps = []
+    shares = []
+    # Each image's slots are contiguous, in image order, with text in between
+    for size in sample.image_sizes:
         n = interleave.image_slots(config, size)
         while int(sample.input_ids[begin]) != config.image_token_id:
             begin += 1
         if size is None:
-            maps.append(weights[begin:begin + s * s].view(s, s))
+            maps.append(weights[begin:begin + s * s].view(s, s))   # (s, s)
         else:
+            # After the base view's s*s slots: the R x C tile grid, each row ending in an image_newline
             _, _, _, (top, bottom, left, right) = interleave.multipatch_layout(size, config)
-            maps.append(weights[begin + s * s:begin + n].view(bottom - top, right - left + 1)[:, :-1])
+            tiles = weights[begin + s * s:begin + n].view(bottom - top, right - left + 1)   # (R, C + 1)
+            maps.append(tiles[:, :-1])                                                    # (R, C)
         shares.append(float(weights[begin:begin + n].sum()))
         begin += n
-    low, high = min(float(m.min()) for m in maps), max(float(m.max()) for m in maps)
-    sheet = Image.new("RGB", (256 * min(len(images), 4), 256 * -(-len(images) // 4)), "white")
+    # ---- draw each map in red over a grey copy of its image, one colour scale for all
+    low = min(float(m.min()) for m in maps)
+    high = max(float(m.max()) for m in maps)
+    rows = -(-len(images) // PER_ROW)   # rounded up
+    sheet = Image.new("RGB", (TILE * min(len(images), PER_ROW), TILE * rows), "white")
     for i, (image, heat, name, share) in enumerate(zip(images, maps, names, shares)):
         image = image.convert("L").convert("RGB")
-        image.thumbnail((256, 256))
+        image.thumbnail((TILE, TILE))
         alpha = Image.fromarray((200 * (heat - low) / max(high - low, 1e-12)).byte().numpy())
-        tile = Image.composite(Image.new("RGB", image.size, "red"), image, alpha.resize(image.size, Image.BILINEAR))
+        red = Image.new("RGB", image.size, "red")
+        tile = Image.composite(red, image, alpha.resize(image.size, Image.BILINEAR))
         ImageDraw.Draw(tile).text((4, 4), f"{name} {100 * share:.0f}%", fill="yellow")
-        sheet.paste(tile, (256 * (i % 4) + (256 - tile.width) // 2, 256 * (i // 4) + (256 - tile.height) // 2))
+        # Centred in its square of the sheet
+        x = TILE * (i % PER_ROW) + (TILE - tile.width) // 2
+        y = TILE * (i // PER_ROW) + (TILE - tile.height) // 2
+        sheet.paste(tile, (x, y))
     sheet.save(out_file)
     log(f"attention map in {out_file}; the answer's attention on each image: "
         + ", ".join(f"{a} {100 * x:.0f}%" for a, x in zip(names, shares)))
 
 
 def peak_memory(device):
+    """The process's peak memory so far, as words for the statistics line."""
     if device.type == "cuda":
         return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
-    import resource   # ru_maxrss is in KiB on Linux, in bytes on macOS
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (30 if sys.platform == "darwin" else 20)
+    import resource   # Unix only, so imported only here
+    per_gib = 2 ** 30 if sys.platform == "darwin" else 2 ** 20   # ru_maxrss: bytes on macOS, KiB on Linux
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_gib
     return f"peak RSS {rss:.2f} GiB"
 
 
+@dataclasses.dataclass
 class Session:
-    """A loaded model with its tokenizer and generation settings; answer() runs one turn of a conversation."""
-
-    def __init__(self, model, tokenizer, settings, stops, args, log):
-        self.model, self.tokenizer, self.settings, self.stops, self.args, self.log = (
-            model, tokenizer, settings, stops, args, log)
+    """A loaded model with its tokenizer and generation settings; answer() runs one chat turn."""
+    model: interleave.LlavaInterleave
+    tokenizer: object    # tokenizers.Tokenizer
+    settings: dict       # GREEDY's keys, from generation_settings
+    stops: list          # the token ids that end an answer
+    args: argparse.Namespace
+    log: object          # log(message) writes one line of statistics
 
     def answer(self, turns, images, names, before="", out=None):
-        """Build the inputs of the conversation so far, stream the answer to out (stdout) and return its text."""
-        out, config, settings = out or sys.stdout, self.model.config, self.settings
+        """Answer the conversation so far: stream the answer to out (stdout), return its text."""
+        out = out or sys.stdout
+        config = self.model.config
+        settings = self.settings
         device = self.model.decoder.embed_tokens.weight.device
+
+        # ---- the prompt, which must fit in the context
         sample = interleave.build_inputs(turns, self.tokenizer, config, anyres=self.args.anyres)
-        n, context = len(sample.input_ids), config.text.max_positions
+        n = len(sample.input_ids)
+        context = config.text.max_positions
         if n >= context:
-            raise interleave.InputError(f"the prompt takes {n} tokens, more than the model's context of {context}; "
-                                        "use fewer images or frames, or a shorter prompt")
+            raise interleave.InputError(
+                f"the prompt takes {n} tokens, more than the model's context of {context}; "
+                "use fewer images or frames, or a shorter prompt")
         slots = [interleave.image_slots(config, size) for size in sample.image_sizes]
-        same = len(set(slots)) == 1 and len(slots) > 2   # video frames, views: one line, not one per image
-        self.log(f"{n} prompt tokens, image slots: " + (f"{len(slots)} images x {slots[0]}" if same else
-                                                        ", ".join(f"{a} {k}" for a, k in zip(names, slots)) or "none"))
+        # Video frames and views take the same slots each: one entry for all, not one per image
+        if len(set(slots)) == 1 and len(slots) > 2:
+            described = f"{len(slots)} images x {slots[0]}"
+        else:
+            described = ", ".join(f"{a} {k}" for a, k in zip(names, slots)) or "none"
+        self.log(f"{n} prompt tokens, image slots: {described}")
+
+        # ---- generate, streaming each token to out
         out.write(before)
         pixels = None if sample.pixel_values is None else sample.pixel_values.to(device)
-        generator = None if self.args.seed is None else torch.Generator(device).manual_seed(self.args.seed)
-        stream, start = Stream(self.tokenizer, self.stops, out), time.perf_counter()
-        with recording_attention(n) if self.args.viz else contextlib.nullcontext() as record:
-            new = self.model.generate(sample.input_ids[None].to(device), pixels, sample.image_sizes,
-                                      max_new_tokens=min(settings["max_new_tokens"], context - n),
-                                      temperature=settings["temperature"], top_k=settings["top_k"],
-                                      top_p=settings["top_p"], repetition_penalty=settings["repetition_penalty"],
-                                      stop_ids=self.stops, generator=generator, on_token=stream,
-                                      cuda_graph=False if self.args.viz else None)   # --viz wraps attention(): no graph
-        end, count, text = time.perf_counter(), new.shape[1], stream.flush()
-        rate = f", {(count - 1) / (end - stream.first_at):.1f} tokens/s after the first" if count > 1 else ""
-        self.log(f"time to first token {stream.first_at - start:.2f} s, {count} tokens{rate}, {peak_memory(device)}")
-        if record and record[1]:
-            draw_attention(self.args.viz, images, names, sample, record[0] / record[1], config, self.log)
+        seed = self.args.seed
+        generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+        stream = Stream(self.tokenizer, self.stops, out)
+        start = time.perf_counter()
+        recorder = recording_attention(n) if self.args.viz else contextlib.nullcontext()
+        with recorder as record:
+            new = self.model.generate(
+                sample.input_ids[None].to(device), pixels, sample.image_sizes,
+                max_new_tokens=min(settings["max_new_tokens"], context - n),
+                temperature=settings["temperature"], top_k=settings["top_k"], top_p=settings["top_p"],
+                repetition_penalty=settings["repetition_penalty"],
+                stop_ids=self.stops, generator=generator, on_token=stream,
+                # --viz wraps attention(), which a CUDA graph would not call again: no graph then
+                cuda_graph=False if self.args.viz else None)
+        end = time.perf_counter()
+        count = new.shape[1]
+        text = stream.flush()
+
+        # ---- statistics on stderr, and the attention map for --viz
+        rate = ""
+        if count > 1:
+            rate = f", {(count - 1) / (end - stream.first_at):.1f} tokens/s after the first"
+        self.log(f"time to first token {stream.first_at - start:.2f} s, {count} tokens{rate}, "
+                 f"{peak_memory(device)}")
+        if record is not None and record.steps:
+            weights = record.total / record.steps
+            draw_attention(self.args.viz, images, names, sample, weights, config, self.log)
         return text
 
 
 def demo_inputs():
-    """One held-out example of each scenario from the synthetic M4 tasks that the embedded model learned, drawn with
-    Pillow by data/make_m4.py: the demo needs no files and no network."""
+    """One held-out example of each scenario from the synthetic M4 tasks that the embedded model
+    learned, drawn with Pillow by data/make_m4.py: the demo needs no files and no network.
+    Yields (task, question, images, anyres, expected answer)."""
     from data import make_m4   # as train.py imports it
     for task in make_m4.TASKS:
         images, question, expected = make_m4.make_example(task, seed=0, split="val", index=0)[:3]
-        if task == "video":   # as in training: the question's markers sample that many frames, put in front
+        # As in training: the question's markers sample that many frames, put in front
+        if task == "video":
             images = interleave.read_video_frames(images, question.count(interleave.IMAGE_MARKER))
             question = question.replace(interleave.IMAGE_MARKER, "").lstrip("\n")
         yield task, question, images, task == "multi_patch", expected
 
 
 def demo(session):
+    """One question per scenario, each under a heading with the expected answer."""
     viz = session.args.viz
     for task, question, images, anyres, expected in demo_inputs():
         if anyres and not session.model.config.has_image_newline:
             session.log(f"({task} skipped: {interleave.MULTIPATCH_NEEDS_NEWLINE})")
             continue
-        if viz:   # one picture per scenario: out.png -> out-video.png, ...
+        # One picture per scenario: out.png -> out-video.png, ...
+        if viz:
             session.args.viz = f"-{task}".join(os.path.splitext(viz))
         session.args.anyres = anyres
-        session.answer([("user", question, images)], images, [f"{task} {i + 1}" for i in range(len(images))],
-                       before=f"[{task}, expected answer: {expected}]\n{question}\n> ")
+        names = [f"{task} {i + 1}" for i in range(len(images))]
+        heading = f"[{task}, expected answer: {expected}]\n{question}\n> "
+        session.answer([("user", question, images)], images, names, before=heading)
 
 
 def chat(session, images, names):
+    """Questions from the terminal until an empty line or Ctrl-D; the images go with the first."""
     session.log(f"chat: {len(images)} images in the first turn; an empty line or Ctrl-D ends the chat")
     turns = []
     while True:
@@ -234,40 +328,60 @@ def chat(session, images, names):
             break
         turns.append(("user", text, [] if turns else images))
         try:
-            turns.append(("assistant", session.answer(turns, images, names, before="model: ")))
-        except interleave.InputError as e:   # e.g. markers that do not match the images: say so, let them retype
+            reply = session.answer(turns, images, names, before="model: ")
+            turns.append(("assistant", reply))
+        except interleave.InputError as e:
+            # e.g. markers that do not match the images: say so, let them retype the question
             print(f"error: {e}", file=sys.stderr)
             turns.pop()
 
 
 def run(args, log):
-    if args.prompt is None and args.views and not os.path.exists(args.views[-1]) and \
-            not args.views[-1].lower().endswith(IMAGE_FILES):   # `--views a.png b.png "prompt"`: argparse gave
-        args.prompt = args.views.pop()                          # the prompt to --views; it is not an image file
-    # Read the inputs first: a typo in a file name should not cost a model load.
-    images, names = [interleave.open_image(path) for path in args.image], [os.path.basename(p) for p in args.image]
+    # `--views a.png b.png "prompt"`: argparse gave the prompt to --views; it is not an image file
+    if args.prompt is None and args.views:
+        last = args.views[-1]
+        if not os.path.exists(last) and not last.lower().endswith(IMAGE_FILES):
+            args.prompt = args.views.pop()
+
+    # ---- read the inputs first: a typo in a file name should not cost a model load
+    images = [interleave.open_image(path) for path in args.image]
+    names = [os.path.basename(path) for path in args.image]
     if args.video:
         frames = interleave.read_video_frames(args.video, args.num_frames)
         images += frames
         names += [f"{os.path.basename(args.video)} frame {i + 1}" for i in range(len(frames))]
     images += [interleave.open_image(path) for path in args.views]
     names += [os.path.basename(path) for path in args.views]
+
+    # ---- where and how to run: by default the first of cuda, mps and cpu that is here
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"))
+    first_here = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    device = torch.device(args.device or first_here)
     if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not mps):
-        raise interleave.InputError(f"--device {device} is not available here; leave --device out to pick one")
-    dtype = getattr(torch, args.dtype) if args.dtype else torch.float32 if device.type == "cpu" else torch.bfloat16
+        raise interleave.InputError(
+            f"--device {device} is not available here; leave --device out to pick one")
+    default_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype
     if args.attn == "triton" and device.type == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")   # the kernel then runs in Triton's interpreter (slow)
+        # The kernel then runs in Triton's interpreter (slow)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+    # ---- the model, its tokenizer and its generation settings
     start = time.perf_counter()
     path = hub.local_path(args.model or EMBEDDED)
     model = interleave.load(path, device=device, dtype=dtype, attn=args.attn)
     tokenizer = interleave.load_tokenizer(path)
-    log(f"loaded {args.model or 'the embedded tiny model'} ({model.config.layout} layout) on {device}, {dtype}, "
-        f"{model.decoder.layers[0].self_attn.impl} attention, in {time.perf_counter() - start:.1f} s")
+    log(f"loaded {args.model or 'the embedded tiny model'} ({model.config.layout} layout) "
+        f"on {device}, {dtype}, {model.decoder.layers[0].self_attn.impl} attention, "
+        f"in {time.perf_counter() - start:.1f} s")
     settings, stops = generation_settings(args, path, log)
-    stops = sorted({tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")} - {None} | set(stops))
+    # The chat template's end tokens (those the tokenizer has) stop an answer too
+    chat_ends = {tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    chat_ends.discard(None)
+    stops = sorted(chat_ends | set(stops))
     session = Session(model, tokenizer, settings, stops, args, log)
+
+    # ---- the demo, a chat, or one question
     if args.demo:
         return demo(session)
     if args.prompt is None and sys.stdin.isatty():
@@ -281,12 +395,18 @@ def run(args, log):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    args.demo = args.demo or not argv
-    log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    args.demo = args.demo or not argv   # no arguments at all: the demo
+
+    def log(message):
+        """One line of statistics on stderr, at once; nothing under --quiet."""
+        if not args.quiet:
+            print(message, file=sys.stderr, flush=True)
     try:
         run(args, log)
-    except BrokenPipeError:   # the reader went away (| head): not an error; silence the final flush too
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:
+        # The reader went away (| head): not an error; silence the final flush too
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
     except (interleave.InputError, interleave.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
