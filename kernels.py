@@ -501,8 +501,9 @@ def _plain(q, k, v, causal=False, cu_q=None, cu_k=None, scale=None):
         see = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=q.device)
         if causal:
             see = see.tril(k1 - k0 - (q1 - q0))  # bottom-right aligned diagonal
-        # A row that sees no key (a blind row) gets zeros, not NaN.
-        p = s.masked_fill(~see, float("-inf")).softmax(-1, dtype=torch.float32).nan_to_num(0.0)
+        # A blind row (one that sees no key) gets zeros, not NaN; a float64 oracle stays float64.
+        softmax_dtype = torch.promote_types(s.dtype, torch.float32)
+        p = s.masked_fill(~see, float("-inf")).softmax(-1, dtype=softmax_dtype).nan_to_num(0.0)
         out.append(torch.einsum("hqk,khd->qhd", p.to(vv.dtype), vv))
     return torch.cat(out)
 
