@@ -16,7 +16,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import interleave
-import pretrain_tower
 import train
 from data import make_m4
 from helpers import golden_path, max_diff, write_tiny_tokenizer
@@ -59,7 +58,7 @@ def test_the_small_mark_lies_inside_one_tile_and_perception_names_every_picture(
 
 def test_pretraining_the_tower_trains_the_tower_only(data, monkeypatch):
     tokenizer = train.train_tokenizer(json.loads((data / "train.json").read_text()))
-    monkeypatch.setattr(pretrain_tower, "pretrain", functools.partial(pretrain_tower.pretrain, count=60, held_out=60))
+    monkeypatch.setattr(train, "pretrain", functools.partial(train.pretrain, count=60, held_out=60))
     before, logged = train.fresh_model("tiny", tokenizer, 0), []
     after = train.fresh_model("tiny", tokenizer, 0, 100, lambda line, **_: logged.append(line))   # 180 pictures
     for (name, a), b in zip(before.named_parameters(), after.parameters()):
@@ -70,7 +69,7 @@ def test_pretraining_the_tower_trains_the_tower_only(data, monkeypatch):
     small = types.SimpleNamespace(vision=interleave.VisionTower(interleave.VisionConfig(
         hidden=32, intermediate=64, heads=2, layers=1, image_size=384, patch_size=32)))
     with pytest.raises(SystemExit, match="64-pixel tower, not a 384-pixel one"):
-        pretrain_tower.pretrain(small, 10, 0)
+        train.pretrain(small, 10, 0)
 
 
 def args(data, out, *extra):
