@@ -1,6 +1,7 @@
 """Ask LLaVA-NeXT-Interleave about several images, video frames, the views of a 3D scene or one large image.
 
   python sample.py                     # the built-in demo on the embedded tiny model, offline
+  python sample.py --viz out.png       # the demo, drawing where each answer looked (out-video.png, ...)
   python sample.py --model llava-hf/llava-interleave-qwen-0.5b-hf \\
       --image a.jpg --image b.png "Compare <image> <image>"
   python sample.py --model PATH --video clip.gif --num-frames 16 "What happens in this video?"
@@ -16,8 +17,11 @@ on stderr and exit status 2.
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
+import math
 import os
+import re
 import sys
 import time
 
@@ -32,6 +36,21 @@ IMAGE_FILES = interleave.FRAME_EXTENSIONS + (".tif", ".tiff")
 GREEDY = dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=256)
 TILE = 256     # --viz: the side of each image's square on the sheet, in pixels
 PER_ROW = 4    # --viz: squares per row of the sheet
+UTF8_FIX = "give it as UTF-8 (iconv -t UTF-8 converts a file)"
+
+# What each option must be, checked before anything is read or loaded: (name, type, test, what it
+# must be). The generation settings (GREEDY's keys) are held to the same in generation_config.json.
+RULES = (
+    ("max_new_tokens", int, lambda v: v >= 1, "a whole number >= 1"),
+    ("temperature", float, lambda v: math.isfinite(v) and v >= 0,
+     "a finite number >= 0 (0 is greedy)"),
+    ("top_k", int, lambda v: v >= 0, "a whole number >= 0 (0 keeps every token)"),
+    ("top_p", float, lambda v: 0 < v <= 1, "a number above 0 and at most 1 (1 keeps every token)"),
+    ("repetition_penalty", float, lambda v: math.isfinite(v) and v > 0,
+     "a finite number above 0 (1 is no penalty)"),
+    ("seed", int, lambda v: 0 <= v < 2 ** 63, "a whole number from 0 to 2**63 - 1"),
+    ("num_frames", int, lambda v: v >= 1, "a whole number >= 1"),
+)
 
 
 def parse_args(argv):
@@ -53,7 +72,7 @@ def parse_args(argv):
     for name, kind in (("max-new-tokens", int), ("temperature", float), ("top-k", int), ("top-p", float),
                        ("repetition-penalty", float), ("seed", int)):
         g.add_argument("--" + name, type=kind)
-    p.add_argument("--device", help="cuda, mps or cpu (default: the first of these that is available)")
+    p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the first available of cuda, mps, cpu)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="default: bf16 on a GPU, else fp32")
     p.add_argument("--attn", choices=interleave.ATTENTION_IMPLS, help="default: triton on CUDA, else sdpa")
@@ -62,19 +81,123 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def check_options(args):
+    """Refuse an option out of its range (one line: the option, its value, what it must be) and a
+    --viz file that Pillow cannot write, before anything is read or loaded."""
+    for name, _, test, must in RULES:
+        value = getattr(args, name)
+        if value is not None and not test(value):
+            option = "--" + name.replace("_", "-")
+            raise interleave.InputError(f"{option} {value} is out of range: give {must}")
+    if args.viz:
+        check_viz_file(args.viz)
+
+
+def check_viz_file(path):
+    """Refuse a --viz file in a folder that does not exist, or of a kind Pillow cannot write an
+    RGB picture as (tried on a 1x1 picture in memory)."""
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise interleave.InputError(f"--viz {path}: there is no folder {folder}; create it first")
+    extension = os.path.splitext(path)[1].lower() or "a name without extension"
+    kind = Image.registered_extensions().get(extension)
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=kind)
+    except (ValueError, OSError):
+        raise interleave.InputError(f"--viz {path}: Pillow cannot write an RGB picture as "
+                                    f"{extension}; end the name in .png or .jpg") from None
+
+
+def pick_device(name):
+    """--device as a torch.device: cpu, cuda, cuda:N or mps, refused unless it is here. By default
+    the first of cuda, mps and cpu that is here."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        raise interleave.InputError(
+            f"--device {name} is not a device: give cpu, cuda, cuda:N or mps")
+    device = torch.device(name)
+    cuda_here = device.type == "cuda" and (device.index or 0) < torch.cuda.device_count()
+    if not (device.type == "cpu" or cuda_here or (device.type == "mps" and mps)):
+        raise interleave.InputError(
+            f"--device {name} is not available here; leave --device out to pick one")
+    return device
+
+
+def check_utf8(text, where, fix=UTF8_FIX):
+    """text, unless it holds bytes that are not UTF-8: Python keeps those of argv and stdin as lone
+    surrogates (U+DC80..U+DCFF), which the tokenizer cannot take. InputError names where."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise interleave.InputError(
+            f"{where} is not valid UTF-8 (at character {e.start}); {fix}") from None
+    return text
+
+
+def read_text(where, fix=UTF8_FIX, prompt=None):
+    """A line typed after `prompt` at the terminal, or without one all of stdin: stripped, and
+    refused (InputError naming where) if it is not valid UTF-8."""
+    try:
+        text = sys.stdin.read() if prompt is None else input(prompt)
+    except UnicodeDecodeError as e:
+        byte = e.object[e.start]
+        raise interleave.InputError(
+            f"{where} is not valid UTF-8 (byte {byte:#04x} at offset {e.start}); {fix}") from None
+    return check_utf8(text.strip(), where, fix)
+
+
+def is_a(value, kind):
+    """Whether a JSON value is of kind int (a whole number) or float (any number); true and false
+    are neither."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if kind is int else isinstance(value, (int, float))
+
+
+def bad_field(file, name, value, must):
+    """The line that refuses a field of a JSON file: the file, the field, its value, the fix."""
+    return f"{file}: {name} is {json.dumps(value)[:40]}; it must be {must}: correct or delete it"
+
+
+def check_generation_config(config, file):
+    """Refuse a generation_config.json that is not an object, or whose settings, do_sample or
+    eos_token_id have the wrong type or range: one line naming the file, the field and the value."""
+    if not isinstance(config, dict):
+        raise interleave.CheckpointError(
+            f"{file}: the top level is {json.dumps(config)[:40]}, not an object {{...}}; "
+            "correct or delete the file")
+    # The settings the file may hold, held to the options' rules
+    for name, kind, test, must in RULES:
+        value = config.get(name)
+        if name in GREEDY and value is not None and not (is_a(value, kind) and test(value)):
+            raise interleave.CheckpointError(bad_field(file, name, value, must))
+    do_sample = config.get("do_sample")
+    if do_sample is not None and not isinstance(do_sample, bool):
+        raise interleave.CheckpointError(bad_field(file, "do_sample", do_sample, "true or false"))
+    eos = config.get("eos_token_id")   # one id, a list of them, or absent
+    ids = eos if isinstance(eos, list) else [eos]
+    if eos is not None and not all(is_a(i, int) and i >= 0 for i in ids):
+        must = "a token id (a whole number >= 0) or a list of them"
+        raise interleave.CheckpointError(bad_field(file, "eos_token_id", eos, must))
+
+
 def generation_settings(args, path, log):
     """Greedy, unless the checkpoint's generation_config.json says otherwise; command-line options
     win over both. As in transformers, temperature/top-k/top-p apply only when the file sets
-    do_sample; the penalty always does. Returns (settings, the file's eos ids)."""
+    do_sample; the penalty always does. Returns (settings, the file's eos ids). The file is refused
+    (CheckpointError) by check_generation_config; the options were checked by check_options."""
     settings = dict(GREEDY)
     stops = []
     file = os.path.join(path, "generation_config.json")
     if os.path.isfile(file):
         try:
-            with open(file) as f:
+            with open(file, encoding="utf-8") as f:
                 config = json.load(f)
         except ValueError as e:
             raise interleave.CheckpointError(f"{file} is not valid JSON ({e})") from None
+        check_generation_config(config, file)
         sampling = ("temperature", "top_k", "top_p") if config.get("do_sample") else ()
         keys = ("repetition_penalty", "max_new_tokens", *sampling)
         found = {key: config[key] for key in keys if config.get(key) is not None}
@@ -87,9 +210,6 @@ def generation_settings(args, path, log):
     for key in settings:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    if settings["max_new_tokens"] < 1:
-        raise interleave.InputError(
-            f"--max-new-tokens must be at least 1, not {settings['max_new_tokens']}")
     return settings, stops
 
 
@@ -204,7 +324,11 @@ def draw_attention(out_file, images, names, sample, weights, config, log):
         x = TILE * (i % PER_ROW) + (TILE - tile.width) // 2
         y = TILE * (i // PER_ROW) + (TILE - tile.height) // 2
         sheet.paste(tile, (x, y))
-    sheet.save(out_file)
+    # Written under a temporary name, then renamed: a picture is never left half-written
+    partial = out_file + ".partial"
+    extension = os.path.splitext(out_file)[1].lower()
+    sheet.save(partial, format=Image.registered_extensions()[extension])
+    os.replace(partial, out_file)
     log(f"attention map in {out_file}; the answer's attention on each image: "
         + ", ".join(f"{a} {100 * x:.0f}%" for a, x in zip(names, shares)))
 
@@ -321,9 +445,13 @@ def chat(session, images, names):
     turns = []
     while True:
         try:
-            text = input("you: ").strip()
+            text = read_text("that line", "type it again", prompt="you: ")
         except EOFError:
             break
+        except interleave.InputError as e:
+            # Bytes that are not UTF-8: refuse the line, keep the conversation
+            print(f"error: {e}", file=sys.stderr)
+            continue
         if not text:
             break
         turns.append(("user", text, [] if turns else images))
@@ -343,7 +471,13 @@ def run(args, log):
         if not os.path.exists(last) and not last.lower().endswith(IMAGE_FILES):
             args.prompt = args.views.pop()
 
-    # ---- read the inputs first: a typo in a file name should not cost a model load
+    # `python sample.py --viz out.png`: no question and no images, so the demo's, drawn
+    if args.viz and args.prompt is None and not (args.image or args.video or args.views):
+        args.demo = True
+
+    # ---- check the options and read the inputs first: a typo should not cost a model load
+    check_options(args)
+    device = pick_device(args.device)
     images = [interleave.open_image(path) for path in args.image]
     names = [os.path.basename(path) for path in args.image]
     if args.video:
@@ -352,14 +486,22 @@ def run(args, log):
         names += [f"{os.path.basename(args.video)} frame {i + 1}" for i in range(len(frames))]
     images += [interleave.open_image(path) for path in args.views]
     names += [os.path.basename(path) for path in args.views]
-
-    # ---- where and how to run: by default the first of cuda, mps and cpu that is here
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    first_here = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    device = torch.device(args.device or first_here)
-    if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not mps):
+    if args.viz and not args.demo and not images:
         raise interleave.InputError(
-            f"--device {device} is not available here; leave --device out to pick one")
+            f"--viz {args.viz} draws where the answer looked in each image, and there is none; "
+            "give --image, --video or --views, or leave --viz out")
+    # The question: an argument, stdin, or (stdin a terminal) the chat's lines, read there
+    chatting = not args.demo and args.prompt is None and sys.stdin.isatty()
+    prompt = None
+    if not args.demo and not chatting:
+        if args.prompt is None:
+            prompt = read_text("the prompt on stdin")
+        else:
+            prompt = check_utf8(args.prompt, "the prompt")
+        if not prompt:
+            raise interleave.InputError("no prompt: give it as an argument or on stdin")
+
+    # ---- how to run: bf16 on a GPU, else fp32
     default_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype
     if args.attn == "triton" and device.type == "cpu":
@@ -369,12 +511,12 @@ def run(args, log):
     # ---- the model, its tokenizer and its generation settings
     start = time.perf_counter()
     path = hub.local_path(args.model or EMBEDDED)
+    settings, stops = generation_settings(args, path, log)
     model = interleave.load(path, device=device, dtype=dtype, attn=args.attn)
     tokenizer = interleave.load_tokenizer(path)
     log(f"loaded {args.model or 'the embedded tiny model'} ({model.config.layout} layout) "
         f"on {device}, {dtype}, {model.decoder.layers[0].self_attn.impl} attention, "
         f"in {time.perf_counter() - start:.1f} s")
-    settings, stops = generation_settings(args, path, log)
     # The chat template's end tokens (those the tokenizer has) stop an answer too
     chat_ends = {tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")}
     chat_ends.discard(None)
@@ -384,11 +526,8 @@ def run(args, log):
     # ---- the demo, a chat, or one question
     if args.demo:
         return demo(session)
-    if args.prompt is None and sys.stdin.isatty():
+    if chatting:
         return chat(session, images, names)
-    prompt = sys.stdin.read().strip() if args.prompt is None else args.prompt
-    if not prompt:
-        raise interleave.InputError("no prompt: give it as an argument or on stdin")
     session.answer([("user", prompt, images)], images, names)
 
 
