@@ -16,7 +16,6 @@ cite its sections (§).
 """
 import json
 import math
-import mmap
 import os
 import re
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
 # ==== 1. Configuration: small dataclasses, filled from either release's config.json
@@ -107,40 +107,105 @@ def _pick(d, key, default):
     return d[key] if d.get(key) is not None else default
 
 
+def shown(value):
+    """repr(value), cut to 60 characters, so that a message stays one line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def config_error(field, value, rule):
+    """The CheckpointError for one field of config.json: its name, its value, what it must be."""
+    return CheckpointError(f"config.json: {field} = {shown(value)}, but it must be {rule}; "
+                           "correct the file (or download it again)")
+
+
+def check_size(field, value):
+    """A size or a count: a positive int below 2**31 (not a bool, a float or a string)."""
+    if type(value) is not int or not 0 < value < 2 ** 31:
+        raise config_error(field, value, "a positive whole number such as 1024")
+    return value
+
+
+def check_positive_number(field, value):
+    """An eps or a theta: a positive, finite int or float (not a bool, NaN or a string)."""
+    if type(value) not in (int, float) or not 0 < value < math.inf:
+        raise config_error(field, value, "a positive finite number such as 1e-06")
+    return value
+
+
+def check_like_default(field, value, default):
+    """A field checked as its default's type says: a float is a positive number, an int a size."""
+    if isinstance(default, float):
+        return check_positive_number(field, value)
+    if isinstance(default, int):
+        return check_size(field, value)
+    return value   # a string (hidden_act): check_activation names the ones we implement
+
+
+def check_flag(field, value, default):
+    """A true/false field: a JSON boolean, or missing / null for the default."""
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise config_error(field, value, "true or false")
+    return value
+
+
+def check_block(field, block):
+    """A nested block of config.json (text_config, vision_config, ...): an object, or missing."""
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise config_error(field, block, "an object {...}")
+    return block
+
+
+def check_pinpoints(pinpoints, tile):
+    """image_grid_pinpoints: a non-empty list of [width, height] canvases of at least one tile."""
+    rule = f"a non-empty list of [width, height] pairs of whole numbers >= {tile} (the tile)"
+    if not isinstance(pinpoints, list) or not pinpoints:
+        raise config_error("image_grid_pinpoints", pinpoints, rule)
+    for pair in pinpoints:
+        is_pair = isinstance(pair, list) and len(pair) == 2
+        if not is_pair or not all(type(side) is int and tile <= side < 2 ** 31 for side in pair):
+            raise config_error("image_grid_pinpoints", pinpoints, rule)
+    return pinpoints
+
+
 def original_layout_blocks(cfg):
     """The original layout (lmms-lab, llava_qwen): the Qwen2 fields sit at the top of config.json
     and the tower is named only by id. Returns (text block, vision block, feature_layer)."""
     projector = cfg.get("mm_projector_type", "mlp2x_gelu")
     if projector != "mlp2x_gelu":
-        raise CheckpointError(f"mm_projector_type {projector!r} is not supported; "
+        raise CheckpointError(f"mm_projector_type {shown(projector)} is not supported; "
                               "this release uses 'mlp2x_gelu'")
     # The release writes mm_vision_select_layer = -2, but its SigLIP tower ignores it and returns
     # the last stored layer: the features are hidden_states[-1] (§1).
     feature_layer = -1
     # Small test checkpoints carry a `vision_config` block.
-    return cfg, cfg.get("vision_config") or {}, feature_layer
+    return cfg, check_block("vision_config", cfg.get("vision_config")), feature_layer
 
 
 def hf_layout_blocks(cfg):
     """The HF layout (llava-hf, llava): nested text_config / vision_config blocks. Returns
     (text block, vision block, feature_layer); refuses the settings this model does not follow."""
-    text_block = cfg.get("text_config") or {}
-    vision_block = cfg.get("vision_config") or {}
+    text_block = check_block("text_config", cfg.get("text_config"))
+    vision_block = check_block("vision_config", cfg.get("vision_config"))
     feature_layer = _pick(cfg, "vision_feature_layer", -2)
-    if not isinstance(feature_layer, int):
-        raise CheckpointError(f"vision_feature_layer {feature_layer!r}: "
-                              "only a single integer layer is supported")
+    if type(feature_layer) is not int:
+        raise config_error("vision_feature_layer", feature_layer,
+                           "one layer number such as -1 (only a single integer layer is supported)")
     strategy = _pick(cfg, "vision_feature_select_strategy", "default")
     if strategy != "full":
-        raise CheckpointError(f"vision_feature_select_strategy {strategy!r}: "
+        raise CheckpointError(f"vision_feature_select_strategy {shown(strategy)}: "
                               "SigLIP has no CLS token to drop; this model needs 'full'")
     act = _pick(cfg, "projector_hidden_act", "gelu")
     if act != "gelu":
-        raise CheckpointError(f"projector_hidden_act {act!r} is not supported; "
+        raise CheckpointError(f"projector_hidden_act {shown(act)} is not supported; "
                               "the release uses exact 'gelu'")
     tower = vision_block.get("model_type", "siglip_vision_model")
     if tower != "siglip_vision_model":
-        raise CheckpointError(f"vision tower {tower!r} is not supported; only SigLIP is")
+        raise CheckpointError(f"vision tower {shown(tower)} is not supported; only SigLIP is")
     return text_block, vision_block, feature_layer
 
 
@@ -154,29 +219,45 @@ def vision_config_from_block(vision_block, layout, feature_layer):
                                 image_size=224, patch_size=16)
     values = {}
     for ours, theirs in VISION_CONFIG_KEYS:
-        values[ours] = _pick(vision_block, theirs, getattr(defaults, ours))
+        default = getattr(defaults, ours)
+        value = _pick(vision_block, theirs, default)
+        values[ours] = check_like_default(f"vision_config.{theirs}", value, default)
     return VisionConfig(**values, feature_layer=feature_layer)
 
 
-def text_config_from_block(text_block, cfg):
-    """TextConfig from a text block; a missing field takes Qwen2's default (§2)."""
+def text_config_from_block(text_block, cfg, prefix):
+    """TextConfig from a text block; a missing field takes Qwen2's default (§2). prefix: where the
+    block sits in config.json ("text_config." or "" for the top level), to name a bad field."""
     # transformers 5 writes rope_parameters {rope_type, rope_theta} where older files have
     # rope_theta / rope_scaling.
-    rope = text_block.get("rope_parameters") or {}
+    rope = check_block(prefix + "rope_parameters", text_block.get("rope_parameters"))
     if text_block.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-        raise CheckpointError(f"rope scaling {text_block.get('rope_scaling') or rope!r} "
+        raise CheckpointError(f"rope scaling {shown(text_block.get('rope_scaling') or rope)} "
                               "is not supported (the releases use plain rotary embeddings)")
     values = {}
     for ours, theirs in TEXT_CONFIG_KEYS:
-        values[ours] = _pick(text_block, theirs, getattr(TextConfig, ours))
+        default = getattr(TextConfig, ours)
+        value = _pick(text_block, theirs, default)
+        values[ours] = check_like_default(prefix + theirs, value, default)
     text = TextConfig(**values)
-    text.kv_heads = _pick(text_block, "num_key_value_heads", text.heads)   # none: plain multi-head
-    text.head_dim = _pick(text_block, "head_dim", text.hidden // text.heads)
+    kv_heads = _pick(text_block, "num_key_value_heads", text.heads)   # none: plain multi-head
+    text.kv_heads = check_size(prefix + "num_key_value_heads", kv_heads)
+    if text.heads > text.hidden:
+        raise config_error(prefix + "num_attention_heads", text.heads,
+                           f"at most hidden_size ({text.hidden})")
+    head_dim = _pick(text_block, "head_dim", text.hidden // text.heads)
+    text.head_dim = check_size(prefix + "head_dim", head_dim)
     theta = _pick(text_block, "rope_theta", TextConfig.rope_theta)
-    text.rope_theta = float(_pick(rope, "rope_theta", theta))
+    theta_field = prefix + ("rope_parameters.rope_theta" if "rope_theta" in rope else "rope_theta")
+    text.rope_theta = float(check_positive_number(theta_field, _pick(rope, "rope_theta", theta)))
     # The tie flag may sit in the text block or at the top of config.json (§2).
-    tied = text_block.get("tie_word_embeddings", cfg.get("tie_word_embeddings"))
-    text.tie_embeddings = bool(tied)
+    if "tie_word_embeddings" in text_block:
+        tie_field = prefix + "tie_word_embeddings"
+        tied = text_block["tie_word_embeddings"]
+    else:
+        tie_field = "tie_word_embeddings"
+        tied = cfg.get("tie_word_embeddings")
+    text.tie_embeddings = check_flag(tie_field, tied, False)
     if text.heads % text.kv_heads:
         raise CheckpointError(f"num_attention_heads {text.heads} is not a multiple of "
                               f"kv heads {text.kv_heads}")
@@ -186,13 +267,17 @@ def text_config_from_block(text_block, cfg):
 def check_activation(name, act, known):
     """Refuse a hidden_act that this file does not implement."""
     if act not in known:
-        raise CheckpointError(f"{name} hidden_act {act!r} is not supported "
+        raise CheckpointError(f"{name} hidden_act {shown(act)} is not supported "
                               f"(expected one of {known})")
 
 
 def config_from_dict(cfg):
-    """Read config.json of either release layout, handling the traps of §2."""
+    """Read config.json of either release layout, handling the traps of §2. Every field is checked
+    by type and range here, before anything is built from it."""
     # ---- which layout: where the text and vision fields are
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"config.json must be a JSON object {{...}}, not {shown(cfg)}; "
+                              "download the checkpoint's config.json again")
     model_type = cfg.get("model_type")
     if model_type == "llava_qwen":
         layout = "original"
@@ -201,21 +286,26 @@ def config_from_dict(cfg):
         layout = "hf"
         text_block, vision_block, feature_layer = hf_layout_blocks(cfg)
     else:
-        raise CheckpointError(f"unknown model_type {model_type!r} in config.json: expected "
+        raise CheckpointError(f"unknown model_type {shown(model_type)} in config.json: expected "
                               "'llava_qwen' (lmms-lab original layout) or 'llava' "
                               "(llava-hf layout)")
     # ---- the decoder and the vision tower
-    text = text_config_from_block(text_block, cfg)
+    text = text_config_from_block(text_block, cfg, "text_config." if layout == "hf" else "")
     vision = vision_config_from_block(vision_block, layout, feature_layer)
     check_activation("text", text_block.get("hidden_act", "silu"), ("silu",))
     check_activation("vision", vision.act, ("gelu_pytorch_tanh", "gelu"))
     # ---- the whole model
-    image_token_id = _pick(cfg, "image_token_index", _pick(cfg, "image_token_id", IMAGE_SLOT_ID))
+    token_field = "image_token_index" if "image_token_index" in cfg else "image_token_id"
+    image_token_id = _pick(cfg, token_field, IMAGE_SLOT_ID)
+    if type(image_token_id) is not int or not 0 <= image_token_id < 2 ** 31:
+        raise config_error(token_field, image_token_id, "a token id (a whole number >= 0)")
+    pinpoints = _pick(cfg, "image_grid_pinpoints", list(GRID_PINPOINTS))
     return ModelConfig(
         vision=vision, text=text, layout=layout, has_image_newline=layout == "original",
         image_token_id=image_token_id,
-        projector_bias=cfg.get("multimodal_projector_bias", True),
-        grid_pinpoints=_pick(cfg, "image_grid_pinpoints", list(GRID_PINPOINTS)))
+        projector_bias=check_flag("multimodal_projector_bias",
+                                  cfg.get("multimodal_projector_bias"), True),
+        grid_pinpoints=check_pinpoints(pinpoints, vision.image_size))
 
 
 # ==== 2. Images (§4): opening any file, plain views, multi-patch tiles, video frames
@@ -375,9 +465,16 @@ def natural_sort_key(name):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def read_video_frames(source, num_frames=16):
-    """Frames sampled uniformly from a folder of frames (natural name order), an animated GIF, WebP
-    or PNG, or a list of images or paths. Each frame is one <image> of 729 slots; none is pooled."""
+def read_video_frames(source, num_frames=16, max_frames=None):
+    """num_frames frames sampled uniformly from a folder of frames (natural name order), an
+    animated GIF, WebP or PNG, or a list of images or paths. Each frame is one <image> of 729
+    slots; none is pooled. max_frames (the frames that fit in the model's context): a video that
+    gives more is refused before any frame is decoded."""
+    whole = isinstance(num_frames, (int, np.integer)) and not isinstance(num_frames, bool)
+    if not whole or num_frames < 1:
+        raise InputError(f"num_frames must be a whole number of at least 1, not {shown(num_frames)}")
+    # ---- which frames: file names or frame numbers, nothing decoded yet
+    video = None
     if isinstance(source, (list, tuple)):
         frames = list(source)
     elif os.path.isdir(source):
@@ -385,17 +482,29 @@ def read_video_frames(source, num_frames=16):
         frames = [os.path.join(source, name) for name in names
                   if name.lower().endswith(FRAME_EXTENSIONS)]
     else:
-        # An animated image file: seek to each sampled frame.
+        # An animated image file: its frame numbers (opening it decodes the first frame only).
         video = read_image_file(source)
-        frames = []
-        for index in sample_frame_indices(getattr(video, "n_frames", 1), num_frames):
-            video.seek(index)
-            frames.append(video.convert("RGB"))
-        return frames
+        frames = list(range(getattr(video, "n_frames", 1)))
     if not frames:
         raise InputError(f"no video frames in {source}: "
                          f"expected image files ({', '.join(FRAME_EXTENSIONS)})")
-    return [open_image(frames[i]) for i in sample_frame_indices(len(frames), num_frames)]
+    chosen = [frames[i] for i in sample_frame_indices(len(frames), num_frames)]
+    if max_frames is not None and len(chosen) > max_frames:
+        where = "the video" if isinstance(source, (list, tuple)) else str(source)
+        raise InputError(f"{where} gives {len(chosen)} frames, more than the {max_frames} that fit "
+                         "in the model's context; ask for fewer frames")
+    # ---- decode the chosen frames
+    if video is None:
+        return [open_image(frame) for frame in chosen]
+    decoded = []
+    for index in chosen:
+        try:
+            video.seek(index)
+            decoded.append(video.convert("RGB"))
+        except (OSError, EOFError, ValueError) as e:
+            raise InputError(f"cannot read frame {index} of {source} ({e}); "
+                             "is it a complete file?") from None
+    return decoded
 
 
 # ==== 3. Text (§3, §5): tokenizer, ChatML template, conversations -> model inputs, training samples, packing
@@ -456,6 +565,12 @@ def chat_prompt(messages, system=SYSTEM_PROMPT):
 def encode_prompt(tokenizer, text, image_token_id, slots_per_image):
     """Token ids for text with <image> markers: the text pieces are tokenized separately and each
     marker becomes slots_per_image[i] image slots (an int means the same count for every image)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # A lone surrogate: invalid UTF-8 decoded with surrogateescape, or a \ud800 escape in JSON.
+        raise InputError(f"the text holds {shown(text[e.start])} at character {e.start}, which is "
+                         "not valid Unicode; fix the text's encoding (UTF-8)") from None
     pieces = text.split(IMAGE_MARKER)
     if isinstance(slots_per_image, int):
         slots_per_image = [slots_per_image] * (len(pieces) - 1)
@@ -483,12 +598,13 @@ class Sample:
 
 
 def build_inputs(turns, tokenizer, config, system=SYSTEM_PROMPT, anyres=False,
-                 add_generation_prompt=None):
+                 add_generation_prompt=None, check_context=True):
     """A conversation (see chat_segments; images as PIL images or paths) -> Sample. Multi-image,
     video frames and 3D views are all just several images; anyres cuts a conversation's single
-    image into tiles (§4)."""
+    image into tiles (§4). check_context: refuse a conversation longer than the model's context
+    before any pixel is decoded (training truncates instead, and passes False)."""
     segments = chat_segments(turns, system, add_generation_prompt)
-    # The images of every turn, in order: their pixels and the slots each takes.
+    # ---- the images of every turn, in order, and the slots each takes
     images = []
     for _, _, *rest in turns:
         if rest:
@@ -496,48 +612,126 @@ def build_inputs(turns, tokenizer, config, system=SYSTEM_PROMPT, anyres=False,
     if anyres and len(images) != 1:
         raise InputError(f"multi-patch (anyres) is for a single image; "
                          f"this conversation has {len(images)}")
-    images = [open_image(image) for image in images]
-    pixels = [preprocess(image, config, anyres) for image in images]
-    sizes = [image.size if anyres else None for image in images]
+    # A plain image's slots are known without its pixels; a multi-patch image's need its size.
+    sizes = [None] * len(images)
+    if anyres:
+        images = [open_image(images[0])]
+        sizes = [images[0].size]
     slots = [image_slots(config, size) for size in sizes]
-    # The token ids, segment by segment; a label only on the text of a reply.
+    # ---- the token ids, segment by segment; a label only on the text of a reply
     ids = []
     labels = []
+    unplaced = slots   # the slot counts of the images not yet placed
     for text, is_reply in segments:
         n_images = text.count(IMAGE_MARKER)
-        piece = encode_prompt(tokenizer, text, config.image_token_id, slots[:n_images])
-        slots = slots[n_images:]
+        piece = encode_prompt(tokenizer, text, config.image_token_id, unplaced[:n_images])
+        unplaced = unplaced[n_images:]
         ids += piece
         labels += [t if is_reply and t != config.image_token_id else IGNORE for t in piece]
+    context = config.text.max_positions
+    if check_context and len(ids) > context:
+        raise InputError(f"the conversation takes {len(ids)} tokens ({sum(slots)} image slots for "
+                         f"{len(images)} images), more than the model's context of {context}; "
+                         "use fewer images or frames, or a shorter prompt")
+    # ---- the pixels, decoded only now
+    pixels = [preprocess(image, config, anyres) for image in images]
     pixel_values = torch.cat(pixels) if pixels else None
     return Sample(torch.tensor(ids), torch.tensor(labels), pixel_values, sizes)
 
 
+ROLES = {"human": "user", "gpt": "assistant"}   # a record's speakers -> our role names
+
+
+def record_turn(name, i, turn):
+    """Turn i of the record called name, {"from": "human" or "gpt", "value": text} -> (role, text);
+    InputError for any other shape."""
+    if not isinstance(turn, dict):
+        raise InputError(f"{name}: turn {i} is {shown(turn)}, not an object "
+                         '{"from": "human" or "gpt", "value": text}')
+    for key in ("from", "value"):
+        if key not in turn:
+            raise InputError(f"{name}: turn {i} has no {key!r}")
+    speaker = turn["from"]
+    if not isinstance(speaker, str) or speaker not in ROLES:
+        raise InputError(f"{name}: turn {i} has 'from': {shown(speaker)}; "
+                         "expected 'human' or 'gpt'")
+    if not isinstance(turn["value"], str):
+        raise InputError(f"{name}: turn {i}'s 'value' must be a string, "
+                         f"not {shown(turn['value'])}")
+    return ROLES[speaker], turn["value"]
+
+
+def record_turns(name, record):
+    """The (role, text) turns of the conversations of the record called name; InputError for a
+    missing, empty or malformed list."""
+    conversations = record.get("conversations")
+    if conversations is None:
+        raise InputError(f"{name} has no conversations")
+    if not isinstance(conversations, list):
+        raise InputError(f"{name}: conversations must be a list of turns, "
+                         f"not {shown(conversations)}")
+    if not conversations:
+        raise InputError(f"{name}: conversations is empty")
+    return [record_turn(name, i, turn) for i, turn in enumerate(conversations)]
+
+
+def record_media(name, record):
+    """A record's video path (or None) and list of image paths, checked to be strings."""
+    video = record.get("video")
+    images = record.get("image") or []   # "", [] or null: no images
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise InputError(f"{name}: 'image' must be a path or a list of paths, "
+                         f"not {shown(record['image'])}")
+    if video is not None and (not isinstance(video, str) or not video):
+        raise InputError(f"{name}: 'video' must be a path (a folder of frames or a file), "
+                         f"not {shown(video)}")
+    if video is not None and images:
+        raise InputError(f"{name} has both 'video' and 'image'; give one or the other")
+    return video, images
+
+
+def media_path(name, image_folder, path, allow_outside=False):
+    """image_folder/path for a record's image or video. Unless allow_outside, an absolute path, or
+    one that climbs out of image_folder with .., is refused: a record must not read any file it
+    likes. (Links inside the folder are followed: they are the folder owner's choice.)"""
+    if allow_outside:
+        return os.path.join(image_folder, path)
+    fix = "give it relative to the image folder, or move the file into it"
+    if os.path.isabs(path):
+        raise InputError(f"{name}: media path {path!r} is absolute; {fix} ({image_folder})")
+    normal = os.path.normpath(path)
+    if normal.split(os.sep)[0] == os.pardir:
+        raise InputError(f"{name}: media path {path!r} climbs out of the image folder "
+                         f"{image_folder} with ..; {fix}")
+    return os.path.join(image_folder, normal)
+
+
 def record_to_sample(record, image_folder, tokenizer, config, max_len=None, num_frames=16,
-                     anyres=False):
+                     anyres=False, allow_outside=False):
     """An M4-Instruct / LLaVA record (§5) -> Sample, truncated to max_len tokens. Raises
-    InputError for a record that cannot be used (the caller skips and counts it)."""
+    InputError for a record that cannot be used (the caller skips and counts it): a malformed
+    one, or one whose media paths leave image_folder (allowed only with allow_outside)."""
     # ---- the turns, in our role names
-    roles = {"human": "user", "gpt": "assistant"}
-    try:
-        turns = [(roles[turn["from"]], turn["value"]) for turn in record["conversations"]]
-    except (KeyError, TypeError) as e:
-        raise InputError(f"record {record.get('id')!r} is malformed: {e!r}") from None
+    if not isinstance(record, dict):
+        raise InputError(f"record {shown(record)} is not a JSON object "
+                         '{"id": ..., "conversations": [...]}')
+    name = f"record {shown(record.get('id'))}"
+    turns = record_turns(name, record)
     markers = [text.count(IMAGE_MARKER) for _, text in turns]
     # ---- the images: a video's sampled frames, or the image files
-    if "video" in record:
+    video, images = record_media(name, record)
+    if video is not None:
         # One <image> per frame; a short video has fewer, so its frames go in front instead.
-        video = os.path.join(image_folder, record["video"])
+        video = media_path(name, image_folder, video, allow_outside)
         images = read_video_frames(video, sum(markers) or num_frames)
         turns = [(role, text.replace(IMAGE_MARKER, "").lstrip("\n")) for role, text in turns]
         markers = [0] * len(turns)
     else:
-        images = record.get("image") or []
-        if isinstance(images, str):
-            images = [images]
-        images = [os.path.join(image_folder, path) for path in images]
+        images = [media_path(name, image_folder, path, allow_outside) for path in images]
     if sum(markers) not in (0, len(images)):
-        raise InputError(f"record {record.get('id')!r} has {sum(markers)} {IMAGE_MARKER} "
+        raise InputError(f"{name} has {sum(markers)} {IMAGE_MARKER} "
                          f"markers, {len(images)} images")
     # ---- each turn with its own images
     if not sum(markers):
@@ -545,8 +739,9 @@ def record_to_sample(record, image_folder, tokenizer, config, max_len=None, num_
         markers[0] = len(images)
     starts = np.cumsum([0] + markers).tolist()
     turns = [(role, text, images[starts[i]:starts[i + 1]]) for i, (role, text) in enumerate(turns)]
+    # Not checked against the context here: truncate() cuts the sample to max_len.
     sample = build_inputs(turns, tokenizer, config, anyres=anyres and len(images) == 1,
-                          add_generation_prompt=False)
+                          add_generation_prompt=False, check_context=False)
     return truncate(sample, max_len, config) if max_len else sample
 
 
@@ -837,6 +1032,38 @@ def apply_rotary(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def kv_cache_bytes(text, batch, positions, dtype):
+    """The bytes of a KVCache: keys and values of every layer, for batch rows of positions."""
+    per_position = 2 * text.layers * text.kv_heads * text.head_dim * dtype.itemsize
+    return per_position * batch * positions
+
+
+def device_memory_bytes(device):
+    """The memory an allocation may take on device: what is free on a GPU, the machine's RAM on
+    the CPU, None where it cannot be told (then nothing is refused)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    if device.type != "cpu":
+        return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):   # no sysconf (Windows)
+        return None
+
+
+def check_kv_cache_fits(text, batch, prompt, max_new_tokens, weight):
+    """Refuse, before allocating it, a KV cache larger than the memory of weight's device."""
+    needed = kv_cache_bytes(text, batch, prompt + max_new_tokens, weight.dtype)
+    memory = device_memory_bytes(weight.device)
+    if memory is not None and needed > memory:
+        gib = 2 ** 30
+        raise InputError(f"the KV cache for {prompt} prompt tokens + max_new_tokens "
+                         f"{max_new_tokens} (batch {batch}) needs {needed / gib:.1f} GiB, more "
+                         f"than the {memory / gib:.1f} GiB of memory on {weight.device}; "
+                         "ask for fewer new tokens or give a shorter prompt")
+
+
 class KVCache:
     """Keys and values of every layer, preallocated to max_len and indexed by position."""
 
@@ -1079,6 +1306,7 @@ class LlavaInterleave(nn.Module):
         weight = self.decoder.embed_tokens.weight
         cache = None
         if use_cache:
+            check_kv_cache_fits(c, b, t, max_new_tokens, weight)
             cache = KVCache(c.layers, b, c.kv_heads, total, c.head_dim, weight.dtype, weight.device)
 
         def decode(ids, position, start):
@@ -1183,75 +1411,104 @@ def our_key(key):
     return key
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8}
-
-
 def open_safetensors(file):
-    """{name: tensor} viewing a memory map of one .safetensors file: nothing is read until a tensor
-    is used.
+    """{name: tensor} of one .safetensors file, read by the safetensors library. Each tensor views
+    a private memory map of the file: nothing is read until a tensor is used, and writing to a
+    tensor never changes the file.
 
-    The format: 8-byte little-endian header length, a JSON header {name: {dtype, shape,
-    data_offsets}}, the data. Every entry is checked against the file size, so a truncated or
-    corrupt file fails here, naming the file.
+    The format: 8 bytes, the header's length as a little-endian unsigned integer; the header, JSON
+    {name: {"dtype": "BF16", "shape": [rows, cols], "data_offsets": [begin, end]}, ...} with an
+    optional "__metadata__": {str: str}; then the raw data, little-endian and row-major, where
+    tensor `name` holds bytes begin..end counted from the end of the header. The library refuses
+    anything else: a header of the wrong type or depth, offsets that are negative, overlap, leave
+    gaps or run past the end of the file.
     """
     def corrupt(why):
         """The error for this file, saying why."""
         return CheckpointError(f"{file} is truncated or corrupt ({why}); download it again")
-    # ---- the header, and a map of the whole file
+    # A file too short for its own header: say so in the format's terms.
     size = os.path.getsize(file)
+    if size < 8:
+        raise corrupt(f"only {size} bytes")
     with open(file, "rb") as f:
-        if size < 8:
-            raise corrupt(f"only {size} bytes")
         header_len = int.from_bytes(f.read(8), "little")
-        if header_len > size - 8:
-            raise corrupt(f"header of {header_len} bytes in a file of {size}")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise corrupt(f"unreadable header: {e}") from None
-        # ACCESS_COPY: a private mapping, so a parameter may be written in place without touching
-        # the file.
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    # ---- one tensor per entry, a view of its bytes
-    tensors = {}
-    data_start = 8 + header_len
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = info["shape"]
-            begin, end = info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise corrupt(f"bad header entry for {name}: {info}") from None
-        count = math.prod(shape)
-        nbytes = count * torch.empty(0, dtype=dtype).element_size()
-        if end - begin != nbytes or begin < 0 or data_start + end > size:
-            raise corrupt(f"{name} needs bytes {begin}..{end} of the data, "
-                          "which the file does not hold")
-        if nbytes:
-            flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=data_start + begin)
-            tensors[name] = flat.view(shape)
-        else:
-            # A tensor with no elements has no bytes to view.
-            tensors[name] = torch.empty(shape, dtype=dtype)
-    return tensors
+    if header_len > size - 8:
+        raise corrupt(f"header of {header_len} bytes in a file of {size}")
+    try:
+        with safe_open(file, framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except SafetensorError as e:
+        why = str(e).removeprefix("Error while deserializing header: ")
+        raise corrupt(f"unreadable header: {why}") from None
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
+        raise corrupt(f"{type(e).__name__}: {e}") from None
+
+
+def is_inside(file, folder):
+    """Whether the absolute path file lies in (or is) the absolute path folder."""
+    return os.path.commonpath([file, folder]) == folder
+
+
+def weight_file(path, name, index=None):
+    """The weight file `name` of the checkpoint folder path (a shard listed in index, or the single
+    model.safetensors), refused when it lies outside the folder: an absolute path, a path that
+    climbs out with .., or a symbolic link to a file elsewhere. The one link allowed is the
+    Hugging Face cache's, from snapshots/<commit>/<file> to the repository's blobs/ folder."""
+    described = f"shard {name!r} listed in {index}" if index else name
+
+    def refuse(why):
+        """The error for this file, saying why; nothing of the file is read or shown."""
+        return CheckpointError(f"{described} {why}; weight files must lie in the checkpoint "
+                               f"folder {path}: fix {index or 'the link'} or download again")
+    if "\0" in name:
+        raise refuse("is not a file name")
+    if os.path.isabs(name):
+        raise refuse("is an absolute path, outside the folder")
+    folder = os.path.abspath(path)
+    file = os.path.normpath(os.path.join(folder, name))
+    if not is_inside(file, folder):
+        raise refuse("is outside the folder (it climbs out with ..)")
+    # Where the file really is, every link followed, against where the folder really is.
+    real_folder = os.path.realpath(folder)
+    allowed = [real_folder]
+    snapshots = os.path.dirname(real_folder)
+    if os.path.basename(snapshots) == "snapshots":
+        allowed.append(os.path.join(os.path.dirname(snapshots), "blobs"))
+    real_file = os.path.realpath(file)
+    if not any(is_inside(real_file, place) for place in allowed):
+        raise refuse("is a symbolic link to a file outside the folder")
+    return file
+
+
+def read_index(index):
+    """The weight_map of model.safetensors.index.json, {tensor name: shard file name}, checked."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            content = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:   # ValueError: bad JSON or UTF-8
+        raise CheckpointError(f"{index} is unreadable ({type(e).__name__}: {e}); "
+                              "download it again") from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{index} must be a JSON object with a weight_map, "
+                              f"not {shown(content)}; download it again")
+    if "weight_map" not in content:
+        raise CheckpointError(f"{index} has no weight_map; download it again")
+    weight_map = content["weight_map"]
+    is_map = isinstance(weight_map, dict)
+    if not is_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names, "
+                              f"not {shown(weight_map)}; download it again")
+    return weight_map
 
 
 def read_checkpoint_tensors(path):
     """All tensors of a checkpoint folder: model.safetensors, or the shards its index lists."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{index} is unreadable ({e}); download it again") from None
+        weight_map = read_index(index)
         tensors = {}
         for shard in sorted(set(weight_map.values())):
-            file = os.path.join(path, shard)
+            file = weight_file(path, shard, index)
             if not os.path.isfile(file):
                 raise CheckpointError(f"shard {shard} listed in {index} is missing; download it")
             tensors.update(open_safetensors(file))
@@ -1264,7 +1521,7 @@ def read_checkpoint_tensors(path):
     if not os.path.isfile(single):
         raise CheckpointError(f"no model.safetensors(.index.json) in {path}; "
                               f"it holds {sorted(os.listdir(path))}")
-    return open_safetensors(single)
+    return open_safetensors(weight_file(path, "model.safetensors"))
 
 
 def read_config(path):
@@ -1276,10 +1533,41 @@ def read_config(path):
         raise CheckpointError(f"no config.json in {path}: "
                               "a checkpoint folder holds config.json and safetensors files")
     try:
-        with open(file) as f:
-            return config_from_dict(json.load(f))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {file}: {e}") from None
+        with open(file, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:   # ValueError: bad JSON or UTF-8
+        raise CheckpointError(f"cannot read {file}: {type(e).__name__}: {e}") from None
+    return config_from_dict(cfg)
+
+
+def stored_layer_count(stored, prefix):
+    """How many layers the checkpoint holds under prefix ("decoder.layers.", "vision.layers.")."""
+    return len({k[len(prefix):].split(".")[0] for k in stored if k.startswith(prefix)})
+
+
+def check_layer_count(path, config, stored):
+    """Refuse a config.json whose decoder layer count differs from the checkpoint's, before a model
+    of that many layers is built (100000 layers would take minutes and gigabytes to build)."""
+    held = stored_layer_count(stored, "decoder.layers.")
+    if config.text.layers != held:
+        field = "text_config.num_hidden_layers" if config.layout == "hf" else "num_hidden_layers"
+        raise CheckpointError(f"{field} = {config.text.layers} in {path}/config.json, but the "
+                              f"checkpoint holds {held} decoder layers; correct config.json "
+                              "(or download the checkpoint again)")
+
+
+# The dtypes a checkpoint's weights may be stored in; anything else is refused, not cast.
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_weight_dtypes(path, stored):
+    """Refuse weights stored as integers, booleans or exotic floats (a file that is not a model)."""
+    odd = sorted(k for k, t in stored.items() if t.dtype not in WEIGHT_DTYPES)
+    if odd:
+        dtypes = sorted({str(stored[k].dtype) for k in odd})
+        raise CheckpointError(f"{path}: {len(odd)} tensors are stored as {', '.join(dtypes)} "
+                              f"({', '.join(odd[:3])}, ...); a checkpoint holds float32, bfloat16, "
+                              "float16 or float64 weights")
 
 
 def check_checkpoint_keys(path, config, stored, expected):
@@ -1327,17 +1615,22 @@ def load(path, device=None, dtype=None, attn=None):
     path = hub.local_path(path)
     config = read_config(path)
     stored = {our_key(k): t for k, t in read_checkpoint_tensors(path).items()}
-    # ---- what config.json does not say, from the tensors
+    # ---- what config.json does not say, from the tensors, and what it must agree with
     # The releases store 26 SigLIP layers of so400m's 27; the model has exactly the layers the
     # checkpoint holds.
-    layer_numbers = {k.split(".")[2] for k in stored if k.startswith("vision.layers.")}
-    config.vision.layers = len(layer_numbers)
+    config.vision.layers = stored_layer_count(stored, "vision.layers.")
+    check_layer_count(path, config, stored)
+    check_weight_dtypes(path, stored)
     # An HF-layout checkpoint of a model trained with multi-patch (train.py) stores
     # `image_newline` as an extra key.
     config.has_image_newline = config.has_image_newline or "image_newline" in stored
     # ---- the model, with no memory yet, checked key by key against the checkpoint
-    with torch.device("meta"):
-        model = LlavaInterleave(config)
+    try:
+        with torch.device("meta"):
+            model = LlavaInterleave(config)
+    except RuntimeError as e:   # sizes whose product overflows: tensors too large to exist
+        raise CheckpointError(f"{path}/config.json describes tensors too large to exist ({e}); "
+                              "correct its sizes") from None
     expected = dict(model.state_dict())
     if config.text.tie_embeddings:
         expected.pop("lm_head.weight")
