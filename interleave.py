@@ -9,7 +9,7 @@ slots in the stream. The file reads in that order:
     config -> images (files, multi-patch tiles, video frames)
            -> text (template, conversations, training samples, packing)
            -> attention -> vision transformer -> projector -> splice -> decoder
-           -> generation -> checkpoint loader
+           -> generation -> checkpoint loader (config.json, safetensors files)
 
 Facts about the released checkpoints (shapes, key names, traps) are in docs/MODEL.md; the comments
 cite its sections (§).
@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
-# ==== 1. Configuration: small dataclasses, filled from either release's config.json
+# ==== 1. Configuration: small dataclasses (section 9 fills them from either release's config.json)
 
 IMAGE_MARKER = "<image>"
 # The HF release's <image> token; the original release has none, so it serves there too (§3).
@@ -86,226 +86,6 @@ class ModelConfig:
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message says what is wrong and how to fix it."""
-
-
-# Our field name -> the key in config.json, for the vision block and the text block.
-VISION_CONFIG_KEYS = (
-    ("hidden", "hidden_size"), ("intermediate", "intermediate_size"),
-    ("heads", "num_attention_heads"), ("layers", "num_hidden_layers"),
-    ("image_size", "image_size"), ("patch_size", "patch_size"),
-    ("eps", "layer_norm_eps"), ("act", "hidden_act"),
-)
-TEXT_CONFIG_KEYS = (
-    ("hidden", "hidden_size"), ("intermediate", "intermediate_size"),
-    ("heads", "num_attention_heads"), ("layers", "num_hidden_layers"),
-    ("vocab", "vocab_size"), ("eps", "rms_norm_eps"), ("max_positions", "max_position_embeddings"),
-)
-
-
-def _pick(d, key, default):
-    """d[key], or default when the key is missing or null."""
-    return d[key] if d.get(key) is not None else default
-
-
-def shown(value):
-    """repr(value), cut to 60 characters, so that a message stays one line."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def config_error(field, value, rule):
-    """The CheckpointError for one field of config.json: its name, its value, what it must be."""
-    return CheckpointError(f"config.json: {field} = {shown(value)}, but it must be {rule}; "
-                           "correct the file (or download it again)")
-
-
-def check_size(field, value):
-    """A size or a count: a positive int below 2**31 (not a bool, a float or a string)."""
-    if type(value) is not int or not 0 < value < 2 ** 31:
-        raise config_error(field, value, "a positive whole number such as 1024")
-    return value
-
-
-def check_positive_number(field, value):
-    """An eps or a theta: a positive, finite int or float (not a bool, NaN or a string)."""
-    if type(value) not in (int, float) or not 0 < value < math.inf:
-        raise config_error(field, value, "a positive finite number such as 1e-06")
-    return value
-
-
-def check_like_default(field, value, default):
-    """A field checked as its default's type says: a float is a positive number, an int a size."""
-    if isinstance(default, float):
-        return check_positive_number(field, value)
-    if isinstance(default, int):
-        return check_size(field, value)
-    return value   # a string (hidden_act): check_activation names the ones we implement
-
-
-def check_flag(field, value, default):
-    """A true/false field: a JSON boolean, or missing / null for the default."""
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise config_error(field, value, "true or false")
-    return value
-
-
-def check_block(field, block):
-    """A nested block of config.json (text_config, vision_config, ...): an object, or missing."""
-    if block is None:
-        return {}
-    if not isinstance(block, dict):
-        raise config_error(field, block, "an object {...}")
-    return block
-
-
-def check_pinpoints(pinpoints, tile):
-    """image_grid_pinpoints: a non-empty list of [width, height] canvases of at least one tile."""
-    rule = f"a non-empty list of [width, height] pairs of whole numbers >= {tile} (the tile)"
-    if not isinstance(pinpoints, list) or not pinpoints:
-        raise config_error("image_grid_pinpoints", pinpoints, rule)
-    for pair in pinpoints:
-        is_pair = isinstance(pair, list) and len(pair) == 2
-        if not is_pair or not all(type(side) is int and tile <= side < 2 ** 31 for side in pair):
-            raise config_error("image_grid_pinpoints", pinpoints, rule)
-    return pinpoints
-
-
-def original_layout_blocks(cfg):
-    """The original layout (lmms-lab, llava_qwen): the Qwen2 fields sit at the top of config.json
-    and the tower is named only by id. Returns (text block, vision block, feature_layer)."""
-    projector = cfg.get("mm_projector_type", "mlp2x_gelu")
-    if projector != "mlp2x_gelu":
-        raise CheckpointError(f"mm_projector_type {shown(projector)} is not supported; "
-                              "this release uses 'mlp2x_gelu'")
-    # The release writes mm_vision_select_layer = -2, but its SigLIP tower ignores it and returns
-    # the last stored layer: the features are hidden_states[-1] (§1).
-    feature_layer = -1
-    # Small test checkpoints carry a `vision_config` block.
-    return cfg, check_block("vision_config", cfg.get("vision_config")), feature_layer
-
-
-def hf_layout_blocks(cfg):
-    """The HF layout (llava-hf, llava): nested text_config / vision_config blocks. Returns
-    (text block, vision block, feature_layer); refuses the settings this model does not follow."""
-    text_block = check_block("text_config", cfg.get("text_config"))
-    vision_block = check_block("vision_config", cfg.get("vision_config"))
-    feature_layer = _pick(cfg, "vision_feature_layer", -2)
-    if type(feature_layer) is not int:
-        raise config_error("vision_feature_layer", feature_layer,
-                           "one layer number such as -1 (only a single integer layer is supported)")
-    strategy = _pick(cfg, "vision_feature_select_strategy", "default")
-    if strategy != "full":
-        raise CheckpointError(f"vision_feature_select_strategy {shown(strategy)}: "
-                              "SigLIP has no CLS token to drop; this model needs 'full'")
-    act = _pick(cfg, "projector_hidden_act", "gelu")
-    if act != "gelu":
-        raise CheckpointError(f"projector_hidden_act {shown(act)} is not supported; "
-                              "the release uses exact 'gelu'")
-    tower = vision_block.get("model_type", "siglip_vision_model")
-    if tower != "siglip_vision_model":
-        raise CheckpointError(f"vision tower {shown(tower)} is not supported; only SigLIP is")
-    return text_block, vision_block, feature_layer
-
-
-def vision_config_from_block(vision_block, layout, feature_layer):
-    """VisionConfig from a vision block. A missing field means so400m in the original layout (the
-    tower is named by id), SigLIP's own default in HF's."""
-    if layout == "original":
-        defaults = VisionConfig()
-    else:
-        defaults = VisionConfig(hidden=768, intermediate=3072, heads=12, layers=12,
-                                image_size=224, patch_size=16)
-    values = {}
-    for ours, theirs in VISION_CONFIG_KEYS:
-        default = getattr(defaults, ours)
-        value = _pick(vision_block, theirs, default)
-        values[ours] = check_like_default(f"vision_config.{theirs}", value, default)
-    return VisionConfig(**values, feature_layer=feature_layer)
-
-
-def text_config_from_block(text_block, cfg, prefix):
-    """TextConfig from a text block; a missing field takes Qwen2's default (§2). prefix: where the
-    block sits in config.json ("text_config." or "" for the top level), to name a bad field."""
-    # transformers 5 writes rope_parameters {rope_type, rope_theta} where older files have
-    # rope_theta / rope_scaling.
-    rope = check_block(prefix + "rope_parameters", text_block.get("rope_parameters"))
-    if text_block.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-        raise CheckpointError(f"rope scaling {shown(text_block.get('rope_scaling') or rope)} "
-                              "is not supported (the releases use plain rotary embeddings)")
-    values = {}
-    for ours, theirs in TEXT_CONFIG_KEYS:
-        default = getattr(TextConfig, ours)
-        value = _pick(text_block, theirs, default)
-        values[ours] = check_like_default(prefix + theirs, value, default)
-    text = TextConfig(**values)
-    kv_heads = _pick(text_block, "num_key_value_heads", text.heads)   # none: plain multi-head
-    text.kv_heads = check_size(prefix + "num_key_value_heads", kv_heads)
-    if text.heads > text.hidden:
-        raise config_error(prefix + "num_attention_heads", text.heads,
-                           f"at most hidden_size ({text.hidden})")
-    head_dim = _pick(text_block, "head_dim", text.hidden // text.heads)
-    text.head_dim = check_size(prefix + "head_dim", head_dim)
-    theta = _pick(text_block, "rope_theta", TextConfig.rope_theta)
-    theta_field = prefix + ("rope_parameters.rope_theta" if "rope_theta" in rope else "rope_theta")
-    text.rope_theta = float(check_positive_number(theta_field, _pick(rope, "rope_theta", theta)))
-    # The tie flag may sit in the text block or at the top of config.json (§2).
-    if "tie_word_embeddings" in text_block:
-        tie_field = prefix + "tie_word_embeddings"
-        tied = text_block["tie_word_embeddings"]
-    else:
-        tie_field = "tie_word_embeddings"
-        tied = cfg.get("tie_word_embeddings")
-    text.tie_embeddings = check_flag(tie_field, tied, False)
-    if text.heads % text.kv_heads:
-        raise CheckpointError(f"num_attention_heads {text.heads} is not a multiple of "
-                              f"kv heads {text.kv_heads}")
-    return text
-
-
-def check_activation(name, act, known):
-    """Refuse a hidden_act that this file does not implement."""
-    if act not in known:
-        raise CheckpointError(f"{name} hidden_act {shown(act)} is not supported "
-                              f"(expected one of {known})")
-
-
-def config_from_dict(cfg):
-    """Read config.json of either release layout, handling the traps of §2. Every field is checked
-    by type and range here, before anything is built from it."""
-    # ---- which layout: where the text and vision fields are
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"config.json must be a JSON object {{...}}, not {shown(cfg)}; "
-                              "download the checkpoint's config.json again")
-    model_type = cfg.get("model_type")
-    if model_type == "llava_qwen":
-        layout = "original"
-        text_block, vision_block, feature_layer = original_layout_blocks(cfg)
-    elif model_type == "llava":
-        layout = "hf"
-        text_block, vision_block, feature_layer = hf_layout_blocks(cfg)
-    else:
-        raise CheckpointError(f"unknown model_type {shown(model_type)} in config.json: expected "
-                              "'llava_qwen' (lmms-lab original layout) or 'llava' "
-                              "(llava-hf layout)")
-    # ---- the decoder and the vision tower
-    text = text_config_from_block(text_block, cfg, "text_config." if layout == "hf" else "")
-    vision = vision_config_from_block(vision_block, layout, feature_layer)
-    check_activation("text", text_block.get("hidden_act", "silu"), ("silu",))
-    check_activation("vision", vision.act, ("gelu_pytorch_tanh", "gelu"))
-    # ---- the whole model
-    token_field = "image_token_index" if "image_token_index" in cfg else "image_token_id"
-    image_token_id = _pick(cfg, token_field, IMAGE_SLOT_ID)
-    if type(image_token_id) is not int or not 0 <= image_token_id < 2 ** 31:
-        raise config_error(token_field, image_token_id, "a token id (a whole number >= 0)")
-    pinpoints = _pick(cfg, "image_grid_pinpoints", list(GRID_PINPOINTS))
-    return ModelConfig(
-        vision=vision, text=text, layout=layout, has_image_newline=layout == "original",
-        image_token_id=image_token_id,
-        projector_bias=check_flag("multimodal_projector_bias",
-                                  cfg.get("multimodal_projector_bias"), True),
-        grid_pinpoints=check_pinpoints(pinpoints, vision.image_size))
 
 
 # ==== 2. Images (§4): opening any file, plain views, multi-patch tiles, video frames
@@ -1522,6 +1302,229 @@ def read_checkpoint_tensors(path):
         raise CheckpointError(f"no model.safetensors(.index.json) in {path}; "
                               f"it holds {sorted(os.listdir(path))}")
     return open_safetensors(weight_file(path, "model.safetensors"))
+
+
+# ---- config.json of either layout -> ModelConfig (§2). Every field is checked by type and range
+# before anything is built from it, each refusal one line naming the field, its value and the fix.
+
+# Our field name -> the key in config.json, for the vision block and the text block.
+VISION_CONFIG_KEYS = (
+    ("hidden", "hidden_size"), ("intermediate", "intermediate_size"),
+    ("heads", "num_attention_heads"), ("layers", "num_hidden_layers"),
+    ("image_size", "image_size"), ("patch_size", "patch_size"),
+    ("eps", "layer_norm_eps"), ("act", "hidden_act"),
+)
+TEXT_CONFIG_KEYS = (
+    ("hidden", "hidden_size"), ("intermediate", "intermediate_size"),
+    ("heads", "num_attention_heads"), ("layers", "num_hidden_layers"),
+    ("vocab", "vocab_size"), ("eps", "rms_norm_eps"), ("max_positions", "max_position_embeddings"),
+)
+
+
+def _pick(d, key, default):
+    """d[key], or default when the key is missing or null."""
+    return d[key] if d.get(key) is not None else default
+
+
+def shown(value):
+    """repr(value), cut to 60 characters, so that a message stays one line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def config_error(field, value, rule):
+    """The CheckpointError for one field of config.json: its name, its value, what it must be."""
+    return CheckpointError(f"config.json: {field} = {shown(value)}, but it must be {rule}; "
+                           "correct the file (or download it again)")
+
+
+def check_size(field, value):
+    """A size or a count: a positive int below 2**31 (not a bool, a float or a string)."""
+    if type(value) is not int or not 0 < value < 2 ** 31:
+        raise config_error(field, value, "a positive whole number such as 1024")
+    return value
+
+
+def check_positive_number(field, value):
+    """An eps or a theta: a positive, finite int or float (not a bool, NaN or a string)."""
+    if type(value) not in (int, float) or not 0 < value < math.inf:
+        raise config_error(field, value, "a positive finite number such as 1e-06")
+    return value
+
+
+def check_like_default(field, value, default):
+    """A field checked as its default's type says: a float is a positive number, an int a size."""
+    if isinstance(default, float):
+        return check_positive_number(field, value)
+    if isinstance(default, int):
+        return check_size(field, value)
+    return value   # a string (hidden_act): check_activation names the ones we implement
+
+
+def check_flag(field, value, default):
+    """A true/false field: a JSON boolean, or missing / null for the default."""
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise config_error(field, value, "true or false")
+    return value
+
+
+def check_block(field, block):
+    """A nested block of config.json (text_config, vision_config, ...): an object, or missing."""
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise config_error(field, block, "an object {...}")
+    return block
+
+
+def check_pinpoints(pinpoints, tile):
+    """image_grid_pinpoints: a non-empty list of [width, height] canvases of at least one tile."""
+    rule = f"a non-empty list of [width, height] pairs of whole numbers >= {tile} (the tile)"
+    if not isinstance(pinpoints, list) or not pinpoints:
+        raise config_error("image_grid_pinpoints", pinpoints, rule)
+    for pair in pinpoints:
+        is_pair = isinstance(pair, list) and len(pair) == 2
+        if not is_pair or not all(type(side) is int and tile <= side < 2 ** 31 for side in pair):
+            raise config_error("image_grid_pinpoints", pinpoints, rule)
+    return pinpoints
+
+
+def original_layout_blocks(cfg):
+    """The original layout (lmms-lab, llava_qwen): the Qwen2 fields sit at the top of config.json
+    and the tower is named only by id. Returns (text block, vision block, feature_layer)."""
+    projector = cfg.get("mm_projector_type", "mlp2x_gelu")
+    if projector != "mlp2x_gelu":
+        raise CheckpointError(f"mm_projector_type {shown(projector)} is not supported; "
+                              "this release uses 'mlp2x_gelu'")
+    # The release writes mm_vision_select_layer = -2, but its SigLIP tower ignores it and returns
+    # the last stored layer: the features are hidden_states[-1] (§1).
+    feature_layer = -1
+    # Small test checkpoints carry a `vision_config` block.
+    return cfg, check_block("vision_config", cfg.get("vision_config")), feature_layer
+
+
+def hf_layout_blocks(cfg):
+    """The HF layout (llava-hf, llava): nested text_config / vision_config blocks. Returns
+    (text block, vision block, feature_layer); refuses the settings this model does not follow."""
+    text_block = check_block("text_config", cfg.get("text_config"))
+    vision_block = check_block("vision_config", cfg.get("vision_config"))
+    feature_layer = _pick(cfg, "vision_feature_layer", -2)
+    if type(feature_layer) is not int:
+        raise config_error("vision_feature_layer", feature_layer,
+                           "one layer number such as -1 (only a single integer layer is supported)")
+    strategy = _pick(cfg, "vision_feature_select_strategy", "default")
+    if strategy != "full":
+        raise CheckpointError(f"vision_feature_select_strategy {shown(strategy)}: "
+                              "SigLIP has no CLS token to drop; this model needs 'full'")
+    act = _pick(cfg, "projector_hidden_act", "gelu")
+    if act != "gelu":
+        raise CheckpointError(f"projector_hidden_act {shown(act)} is not supported; "
+                              "the release uses exact 'gelu'")
+    tower = vision_block.get("model_type", "siglip_vision_model")
+    if tower != "siglip_vision_model":
+        raise CheckpointError(f"vision tower {shown(tower)} is not supported; only SigLIP is")
+    return text_block, vision_block, feature_layer
+
+
+def vision_config_from_block(vision_block, layout, feature_layer):
+    """VisionConfig from a vision block. A missing field means so400m in the original layout (the
+    tower is named by id), SigLIP's own default in HF's."""
+    if layout == "original":
+        defaults = VisionConfig()
+    else:
+        defaults = VisionConfig(hidden=768, intermediate=3072, heads=12, layers=12,
+                                image_size=224, patch_size=16)
+    values = {}
+    for ours, theirs in VISION_CONFIG_KEYS:
+        default = getattr(defaults, ours)
+        value = _pick(vision_block, theirs, default)
+        values[ours] = check_like_default(f"vision_config.{theirs}", value, default)
+    return VisionConfig(**values, feature_layer=feature_layer)
+
+
+def text_config_from_block(text_block, cfg, prefix):
+    """TextConfig from a text block; a missing field takes Qwen2's default (§2). prefix: where the
+    block sits in config.json ("text_config." or "" for the top level), to name a bad field."""
+    # transformers 5 writes rope_parameters {rope_type, rope_theta} where older files have
+    # rope_theta / rope_scaling.
+    rope = check_block(prefix + "rope_parameters", text_block.get("rope_parameters"))
+    if text_block.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        raise CheckpointError(f"rope scaling {shown(text_block.get('rope_scaling') or rope)} "
+                              "is not supported (the releases use plain rotary embeddings)")
+    values = {}
+    for ours, theirs in TEXT_CONFIG_KEYS:
+        default = getattr(TextConfig, ours)
+        value = _pick(text_block, theirs, default)
+        values[ours] = check_like_default(prefix + theirs, value, default)
+    text = TextConfig(**values)
+    kv_heads = _pick(text_block, "num_key_value_heads", text.heads)   # none: plain multi-head
+    text.kv_heads = check_size(prefix + "num_key_value_heads", kv_heads)
+    if text.heads > text.hidden:
+        raise config_error(prefix + "num_attention_heads", text.heads,
+                           f"at most hidden_size ({text.hidden})")
+    head_dim = _pick(text_block, "head_dim", text.hidden // text.heads)
+    text.head_dim = check_size(prefix + "head_dim", head_dim)
+    theta = _pick(text_block, "rope_theta", TextConfig.rope_theta)
+    theta_field = prefix + ("rope_parameters.rope_theta" if "rope_theta" in rope else "rope_theta")
+    text.rope_theta = float(check_positive_number(theta_field, _pick(rope, "rope_theta", theta)))
+    # The tie flag may sit in the text block or at the top of config.json (§2).
+    if "tie_word_embeddings" in text_block:
+        tie_field = prefix + "tie_word_embeddings"
+        tied = text_block["tie_word_embeddings"]
+    else:
+        tie_field = "tie_word_embeddings"
+        tied = cfg.get("tie_word_embeddings")
+    text.tie_embeddings = check_flag(tie_field, tied, False)
+    if text.heads % text.kv_heads:
+        raise CheckpointError(f"num_attention_heads {text.heads} is not a multiple of "
+                              f"kv heads {text.kv_heads}")
+    return text
+
+
+def check_activation(name, act, known):
+    """Refuse a hidden_act that this file does not implement."""
+    if act not in known:
+        raise CheckpointError(f"{name} hidden_act {shown(act)} is not supported "
+                              f"(expected one of {known})")
+
+
+def config_from_dict(cfg):
+    """Read config.json of either release layout, handling the traps of §2. Every field is checked
+    by type and range here, before anything is built from it."""
+    # ---- which layout: where the text and vision fields are
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"config.json must be a JSON object {{...}}, not {shown(cfg)}; "
+                              "download the checkpoint's config.json again")
+    model_type = cfg.get("model_type")
+    if model_type == "llava_qwen":
+        layout = "original"
+        text_block, vision_block, feature_layer = original_layout_blocks(cfg)
+    elif model_type == "llava":
+        layout = "hf"
+        text_block, vision_block, feature_layer = hf_layout_blocks(cfg)
+    else:
+        raise CheckpointError(f"unknown model_type {shown(model_type)} in config.json: expected "
+                              "'llava_qwen' (lmms-lab original layout) or 'llava' "
+                              "(llava-hf layout)")
+    # ---- the decoder and the vision tower
+    text = text_config_from_block(text_block, cfg, "text_config." if layout == "hf" else "")
+    vision = vision_config_from_block(vision_block, layout, feature_layer)
+    check_activation("text", text_block.get("hidden_act", "silu"), ("silu",))
+    check_activation("vision", vision.act, ("gelu_pytorch_tanh", "gelu"))
+    # ---- the whole model
+    token_field = "image_token_index" if "image_token_index" in cfg else "image_token_id"
+    image_token_id = _pick(cfg, token_field, IMAGE_SLOT_ID)
+    if type(image_token_id) is not int or not 0 <= image_token_id < 2 ** 31:
+        raise config_error(token_field, image_token_id, "a token id (a whole number >= 0)")
+    pinpoints = _pick(cfg, "image_grid_pinpoints", list(GRID_PINPOINTS))
+    return ModelConfig(
+        vision=vision, text=text, layout=layout, has_image_newline=layout == "original",
+        image_token_id=image_token_id,
+        projector_bias=check_flag("multimodal_projector_bias",
+                                  cfg.get("multimodal_projector_bias"), True),
+        grid_pinpoints=check_pinpoints(pinpoints, vision.image_size))
 
 
 def read_config(path):
