@@ -125,6 +125,16 @@ def pick_device(name):
     return device
 
 
+def frames_that_fit(model):
+    """How many video frames fit in the context of a local checkpoint folder, read from its
+    config.json before any frame is decoded; None for a hub id not downloaded yet (build_inputs
+    refuses too many slots later, after the download)."""
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        return None
+    config = interleave.read_config(model)
+    return config.text.max_positions // config.vision.tokens
+
+
 def check_utf8(text, where, fix=UTF8_FIX):
     """text, unless it holds bytes that are not UTF-8: Python keeps those of argv and stdin as lone
     surrogates (U+DC80..U+DCFF), which the tokenizer cannot take. InputError names where."""
@@ -481,7 +491,8 @@ def run(args, log):
     images = [interleave.open_image(path) for path in args.image]
     names = [os.path.basename(path) for path in args.image]
     if args.video:
-        frames = interleave.read_video_frames(args.video, args.num_frames)
+        max_frames = frames_that_fit(args.model or EMBEDDED)
+        frames = interleave.read_video_frames(args.video, args.num_frames, max_frames)
         images += frames
         names += [f"{os.path.basename(args.video)} frame {i + 1}" for i in range(len(frames))]
     images += [interleave.open_image(path) for path in args.views]

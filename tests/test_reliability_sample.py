@@ -194,3 +194,13 @@ def test_a_bad_generation_config_is_refused_in_one_line_before_the_model_loads(r
     folder = shutil.copytree(sample.EMBEDDED, tmp_path / "model")
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": "2"}))
     refused(["--model", str(folder), "q"], "generation_config.json: eos_token_id is \"2\"")
+
+
+def test_too_many_video_frames_are_refused_before_any_is_decoded(refused, monkeypatch, tmp_path):
+    # The embedded model's context holds 4096 positions of 16 slots per frame: 256 frames at most.
+    for i in range(300):
+        Image.new("RGB", (8, 8), (i % 256, 0, 0)).save(tmp_path / f"{i:03d}.png")
+    decoded = []
+    monkeypatch.setattr(interleave, "open_image", lambda path: decoded.append(path))
+    refused(["--video", str(tmp_path), "--num-frames", "300", "What happens?"], "300 frames", "256")
+    assert decoded == []
