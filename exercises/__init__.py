@@ -1,1 +1,1 @@
-"""Exercises: re-implement ten pieces of the model; `python -m pytest exercises` checks them (see README.md)."""
+"""Exercises: re-implement seventeen pieces of the model; `python -m pytest exercises` checks them (see README.md)."""

@@ -1,6 +1,7 @@
 """Exercise 1 (warm-up): RMSNorm, the normalisation of every Qwen2 decoder block (docs/MODEL.md §1).
 
-Read first: interleave.RMSNorm. Check: python -m pytest exercises -k rmsnorm
+Read first: interleave.DecoderBlock and interleave.Decoder (where the norms sit, what they receive: the residual
+stream (B, T, H) in the model's dtype), docs/MODEL.md §1 (the trap). Check: python -m pytest exercises -k rmsnorm
 """
 import torch
 

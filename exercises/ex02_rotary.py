@@ -1,6 +1,7 @@
 """Exercise 2 (warm-up): rotary position embedding, "rotate half" convention (docs/MODEL.md §1).
 
-Read first: interleave.rotary_tables and interleave.apply_rotary. Check: python -m pytest exercises -k rotary
+Read first: interleave.rotary_tables (what cos and sin hold, and their shapes) and SelfAttention.forward (the caller:
+which tensors are rotated, and in which layout). Check: python -m pytest exercises -k rotary
 """
 import torch
 

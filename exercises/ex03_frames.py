@@ -1,6 +1,7 @@
 """Exercise 3 (warm-up): which frames of a video become images (docs/MODEL.md §4, the video scenario).
 
-Read first: interleave.sample_frame_indices, interleave.read_video_frames. Check: python -m pytest exercises -k frames
+Read first: interleave.read_video_frames (the caller: what total and num_frames are there) and docs/MODEL.md §4
+(the video scenario). Check: python -m pytest exercises -k frames
 """
 import numpy as np
 

@@ -1,6 +1,7 @@
 """Exercise 4 (easy): splice the image features into the token stream (docs/MODEL.md §3).
 
-Read first: LlavaInterleave.embed in interleave.py. Check: python -m pytest exercises -k splice
+Read first: LlavaInterleave.forward (the caller), LlavaInterleave.encode_images (the features and their order) and
+interleave.build_inputs (where the slots come from). Check: python -m pytest exercises -k splice
 """
 import torch
 

@@ -1,6 +1,7 @@
 """Exercise 5 (easy): training labels, the loss only on the assistant's replies (docs/MODEL.md §5).
 
-Read first: interleave.chat_segments, interleave.encode_prompt, interleave.build_inputs.
+Read first: interleave.chat_segments (the segments you get), interleave.encode_prompt (the tokenizing you use),
+interleave.record_to_sample (the caller) and train.py's WithLoss (who reads the labels).
 Check: python -m pytest exercises -k labels
 """
 import interleave

@@ -1,6 +1,7 @@
-"""Exercise 6 (medium): multi-patch ("anyres"): choose the canvas, then unpad the tile features (docs/MODEL.md §4.1, §4.5).
+"""Exercise 6 (medium): multi-patch ("anyres"): choose the canvas, unpad the tile features (docs/MODEL.md §4.1, §4.5).
 
-Read first: interleave.select_canvas, interleave.multipatch_layout, LlavaInterleave.merge_tiles.
+Read first: interleave.multipatch_views (who needs the canvas), interleave.image_slots (who needs the unpadded
+grid), docs/MODEL.md §4 steps 1 and 5.
 Check: python -m pytest exercises -k anyres
 """
 

@@ -1,6 +1,7 @@
 """Exercise 8 (medium): the top-p (nucleus) sampling filter (the releases sample with top_p 0.8, docs/MODEL.md §3).
 
-Read first: interleave.next_token. Check: python -m pytest exercises -k top_p
+Read first: LlavaInterleave.generate (the caller: the logits it samples from, one row per sequence) and
+docs/MODEL.md §3 (the released sampling settings). Check: python -m pytest exercises -k top_p
 """
 import torch
 

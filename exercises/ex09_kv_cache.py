@@ -1,7 +1,8 @@
 """Exercise 9 (hard): the KV cache that makes generation fast (one new token per step, not the whole sequence).
 
-Read first: interleave.KVCache, SelfAttention.forward, LlavaInterleave.generate, interleave.visibility (causal
-masks aligned bottom-right). Check: python -m pytest exercises -k kv_cache
+Read first: SelfAttention.forward (the caller of update: what it passes, what it does with the result),
+LlavaInterleave.generate (who makes the cache, and with which start) and interleave.visibility (causal masks aligned
+bottom-right). Check: python -m pytest exercises -k kv_cache
 """
 import torch
 

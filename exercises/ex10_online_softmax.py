@@ -1,7 +1,8 @@
 """Exercise 10 (hard): the online softmax at the heart of flash attention (kernels.py).
 
-Read first: the docstring at the top of kernels.py and the key-block loop of kernels._fwd_kernel (which works in
-base-2 units: exp2 of scores times log2(e); here everything is in natural units, torch.exp).
+Read first: the docstring at the top of kernels.py (the idea in words) and kernels.attention (the shapes); then the
+loop of the check, test_ex10_online_softmax in exercises/test_exercises.py, which calls your step block by block.
+Derive the update on paper first: what must happen to l and acc when the maximum grows?
 Check: python -m pytest exercises -k online_softmax
 """
 import torch

@@ -1,13 +1,28 @@
-"""Mistake: the positions count on over the whole pack instead of restarting at 0 for each sample."""
+"""Mistake: packs the samples in the given order (first fit, but not longest first), so the packs differ."""
 import torch
 
 from interleave import Sample
 
 
-def pack(samples):
-    lengths = [len(s.input_ids) for s in samples]
-    pixels = [s.pixel_values for s in samples if s.pixel_values is not None]
-    return Sample(torch.cat([s.input_ids for s in samples]), torch.cat([s.labels for s in samples]),
-                  torch.cat(pixels) if pixels else None, [size for s in samples for size in s.image_sizes],
-                  position_ids=torch.arange(sum(lengths)),
-                  cu_seqlens=torch.tensor([0] + lengths).cumsum(0).to(torch.int32))
+def pack(samples, budget):
+    groups, room = [], []
+    for sample in samples:
+        n = len(sample.input_ids)
+        if n > budget:
+            raise ValueError(f"a sample of {n} tokens does not fit the budget of {budget}")
+        j = next((j for j, free in enumerate(room) if free >= n), None)
+        if j is None:
+            groups.append([])
+            room.append(budget)
+            j = len(groups) - 1
+        groups[j].append(sample)
+        room[j] -= n
+    packs = []
+    for group in groups:
+        lengths = [len(s.input_ids) for s in group]
+        pixels = [s.pixel_values for s in group if s.pixel_values is not None]
+        packs.append(Sample(torch.cat([s.input_ids for s in group]), torch.cat([s.labels for s in group]),
+                            torch.cat(pixels) if pixels else None, [size for s in group for size in s.image_sizes],
+                            position_ids=torch.cat([torch.arange(n) for n in lengths]),
+                            cu_seqlens=torch.tensor([0] + lengths).cumsum(0).to(torch.int32)))
+    return packs
