@@ -620,6 +620,9 @@ def plain_attention(q, k, v, visible, scale):
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
     probs = scores.softmax(dim=-1)                                 # softmax in float32 (§1)
+    # A query that sees no key (more queries than keys, causal) gets zeros, as SDPA and the
+    # kernel give, not the NaN of a softmax over nothing.
+    probs = probs.nan_to_num(0.0)                                  # (B, H, Tq, Tk)
     return (probs @ v.float()).to(q.dtype)                         # (B, H, Tq, D)
 
 

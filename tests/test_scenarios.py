@@ -312,3 +312,17 @@ def test_packing_fills_the_budget(capsys):
     assert sum(len(s.input_ids) for s in samples) / (len(packs) * 2048) >= 0.95
     with pytest.raises(interleave.InputError, match="exceeds the packing budget"):
         interleave.pack_samples(samples, budget=100)
+
+
+@pytest.mark.parametrize("impl", ["plain", "triton"])
+def test_a_query_that_sees_no_key_gets_zeros_on_every_path(impl):
+    # Causal with more queries than keys (bottom-right aligned): the first two queries see nothing.
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 5, 8)
+    k = torch.randn(1, 2, 3, 8)
+    v = torch.randn(1, 2, 3, 8)
+    want = interleave.attention(q, k, v, True, "sdpa")
+    got = interleave.attention(q, k, v, True, impl)
+    assert not got.isnan().any()
+    assert torch.equal(got[:, :, :2], torch.zeros_like(got[:, :, :2]))
+    assert (got - want).abs().max() < 1e-5
