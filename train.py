@@ -6,19 +6,23 @@
 
 Checkpoints: llava-hf layout, hub key names (docs/MODEL.md §2), plus a top-level tensor `image_newline`
 (multi-patch needs it; that layout has none): interleave.load reads it, transformers'
-LlavaForConditionalGeneration ignores it (same logits).
+LlavaForConditionalGeneration ignores it (same logits). What --resume needs besides is in
+trainer_state.json and trainer_state.safetensors: never a pickle, which could run code when read.
 """
 import argparse
+import codecs
 import contextlib
 import functools
 import json
 import math
+import multiprocessing
 import os
 import pathlib
 import pickle
 import re
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
@@ -28,13 +32,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.checkpoint import checkpoint
 
 import interleave
 from data import make_m4
-from interleave import IGNORE
+from interleave import IGNORE, CheckpointError, InputError
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 # bf16 dense peak TFLOPS, by a part of the GPU's name: the MFU of the log lines
@@ -61,9 +66,9 @@ HUB_PREFIXES = {"vision": "vision_tower.vision_model.", "decoder": "language_mod
                 "projector": "multi_modal_projector.", "lm_head": "language_model.lm_head."}
 
 
-def opt(default, help):
-    """A Config field: its default, and its line of --help."""
-    return field(default=default, metadata={"help": help})
+def opt(default, help, least=None, most=None):
+    """A Config field: its default, its line of --help, and the range of numbers it accepts."""
+    return field(default=default, metadata={"help": help, "least": least, "most": most})
 
 
 @dataclass
@@ -74,50 +79,157 @@ class Config:
     data: str = opt("", "training records: M4-Instruct JSON (a list) or JSON Lines")
     image_folder: str = opt("", "where the records' image and video paths start (default: the data file's folder)")
     val: str = opt("", "held-out records: loss and exact-match accuracy per metadata.task")
-    synthetic: int = opt(0, "instead of --data: draw this many records per task (data/make_m4.py) into OUT/data")
-    steps: int = opt(2000, "optimizer steps")
-    batch: int = opt(32, "records per step, over all processes")
-    budget: int = opt(1024, "tokens per packed sequence; a longer sample is truncated to it")
+    synthetic: int = opt(0, "instead of --data: draw this many records per task (data/make_m4.py) into OUT/data",
+                         least=0)
+    steps: int = opt(2000, "optimizer steps", least=1)
+    batch: int = opt(32, "records per step, over all processes", least=1)
+    budget: int = opt(1024, "tokens per packed sequence; a longer sample is truncated to it", least=1)
     lr: float = opt(2e-3, "peak learning rate of AdamW (weight decay 0.05 on matrices, gradient norm clipped at 1)")
-    warmup: int = opt(100, "steps of linear warmup; then a cosine down to a tenth of --lr")
-    pretrain_tower: int = opt(0, "--init tiny: first train the tower alone for this many steps (stage 0)")
+    warmup: int = opt(100, "steps of linear warmup; then a cosine down to a tenth of --lr", least=0)
+    pretrain_tower: int = opt(0, "--init tiny: first train the tower alone for this many steps (stage 0)",
+                              least=0)
     train_vision: bool = opt(False, "fine-tuning: train the vision tower too (from scratch it always is)")
     grad_ckpt: bool = opt(False, "activation checkpointing: recompute each block in the backward pass")
     bf16: bool = opt(None, "bf16 autocast (default: on a GPU)")
     attn: str = opt("", "plain, sdpa or triton (default: triton on a GPU, else sdpa)")
-    seed: int = opt(0, "seeds the weights, the data order and the synthetic data")
-    eval_every: int = opt(250, "steps between evaluations on 200 held-out records (all of them at the end)")
-    save_every: int = opt(250, "steps between checkpoints (one is also written at the end; 0: none at all)")
+    seed: int = opt(0, "seeds the weights, the data order and the synthetic data", least=0, most=2**63 - 1)
+    eval_every: int = opt(250, "steps between evaluations on 200 held-out records (all of them at the end)",
+                          least=0)
+    save_every: int = opt(250, "steps between checkpoints (one is also written at the end; 0: none at all)",
+                          least=0)
     resume: bool = opt(False, "continue from OUT/latest: model, optimizer, schedule, step, data position, RNG")
     export: str = opt("", "also write the final model, without optimizer state, to this folder")
 
 
+def check_options(cfg):
+    """Raise InputError, one line, for the first option out of its range (before anything is
+    built)."""
+    for f in fields(Config):
+        value = getattr(cfg, f.name)
+        least = f.metadata["least"]
+        most = f.metadata["most"]
+        if least is not None and not least <= value <= (math.inf if most is None else most):
+            accepted = f"at least {least}" if most is None else f"{least} .. {most}"
+            raise InputError(f"--{f.name.replace('_', '-')} {value}: must be {accepted}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise InputError(f"--lr {cfg.lr}: must be a positive, finite number (2e-3 is the default)")
+    if cfg.attn not in ("", "plain", "sdpa", "triton"):
+        raise InputError(f"--attn {cfg.attn!r}: must be plain, sdpa or triton")
+    if not (cfg.data or cfg.synthetic):
+        raise InputError("no training records: give --data FILE, or --synthetic N to draw them")
+    if not (cfg.resume or cfg.init in PRESETS or os.path.isdir(cfg.init)):
+        raise InputError(f"--init {cfg.init}: neither a preset ({', '.join(PRESETS)}) "
+                         "nor a checkpoint folder")
+
+
+def checkpoints(out):
+    """{step: folder name} of the checkpoints step-N in the run folder `out` (none if absent)."""
+    names = os.listdir(out) if os.path.isdir(out) else []
+    return {int(name[5:]): name for name in names if re.fullmatch(r"step-\d+", name)}
+
+
+def check_run_folder(cfg):
+    """Raise InputError, one line, for a fresh run into a folder that holds checkpoints (its own
+    would be mixed with them, and the rotation would delete one or the other), and for --resume
+    with nothing to resume from."""
+    latest = os.path.join(cfg.out, "latest")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise InputError(f"--out {cfg.out} is a file, not a folder: give another --out")
+    if cfg.resume and not os.path.isdir(latest):
+        raise InputError(f"--resume: there is no checkpoint {latest} to resume from; "
+                         "start without --resume")
+    held = sorted(checkpoints(cfg.out).values())
+    if os.path.lexists(latest):
+        held.append("latest")
+    if held and not cfg.resume:
+        raise InputError(f"{cfg.out} already holds checkpoints ({', '.join(held[-3:])}): continue "
+                         "that run with --resume, or start a new one with another --out")
+
+
 # ==== Data: records (unusable ones skipped and counted), their order, a tokenizer trained on them
 
+EXPECTED = ("a JSON list of records (as M4-Instruct ships) or JSON Lines (one record, a JSON "
+            "object, a line)")
+JSON_KINDS = {dict: "object", list: "list", str: "string", int: "number", float: "number",
+              bool: "boolean", type(None): "null"}
+
+
 def read_records(path, skip):
-    """A JSON list of records (as M4-Instruct ships) or JSON Lines; lines not JSON are skipped."""
-    text = pathlib.Path(path).read_text()
-    with contextlib.suppress(json.JSONDecodeError):
-        return json.loads(text)
-    items = []
-    for n, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            items.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            skip(f"{path} line {n + 1} is not JSON ({e})")
-    return items
+    """The records of a JSON list (a file that starts with "[") or of JSON Lines. Raises InputError
+    for a file that is neither, or a JSON list with a syntax error (its line and column); skips,
+    with their numbers, the lines that are not UTF-8 JSON and the items that are not objects."""
+    try:
+        data = pathlib.Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror}") from None
+    if data.lstrip().startswith(b"["):
+        items = read_json_list(path, data)
+        numbered = [(f"{path} item {n}", item) for n, item in enumerate(items, start=1)]
+    else:
+        lines = data.splitlines()
+        # An object over several lines (indented) would be skipped line by line: say what it is
+        if sum(1 for line in lines if line.strip()) > 1 and parses_as_json(data):
+            raise InputError(f"{path} holds one JSON value that is not a list; expected {EXPECTED}")
+        numbered = []
+        for n, line in enumerate(lines, start=1):
+            where = f"{path} line {n}"
+            if not line.strip():
+                continue
+            try:
+                numbered.append((where, json.loads(line.decode("utf-8"))))
+            except UnicodeDecodeError as e:
+                skip(f"{where} is not UTF-8 ({e.reason} at byte {e.start + 1})", where)
+            except (json.JSONDecodeError, RecursionError) as e:
+                skip(f"{where} is not JSON ({e})", where)
+    records = []
+    for where, item in numbered:
+        if isinstance(item, dict):
+            records.append(item)
+        else:
+            kind = JSON_KINDS[type(item)]
+            skip(f"{where} is a JSON {kind}, not a record (a JSON object)", where)
+    return records
+
+
+def read_json_list(path, data):
+    """The items of a file that starts with "[" (bytes `data`): one JSON list. Raises InputError
+    naming the line (and column) of a byte that is not UTF-8 or of a syntax error."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(f"{path} line {line} is not UTF-8 ({e.reason}); a file that starts "
+                         "with '[' is read as one JSON list") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path} line {e.lineno} column {e.colno}: {e.msg}; a file that starts "
+                         "with '[' is read as one JSON list") from None
+    except RecursionError:
+        raise InputError(f"{path} is nested too deeply to be a list of records") from None
+
+
+def parses_as_json(data):
+    """Whether the bytes `data` are one JSON value (then they are not JSON Lines)."""
+    # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    with contextlib.suppress(ValueError, RecursionError):
+        json.loads(data)
+        return True
+    return False
 
 
 class SkippedRecords:
-    """skip(why) for an unusable record: the reason is kept (.reasons); the first five printed."""
+    """skip(why, key) for an unusable record: counted once per key (a record skipped again in a
+    later epoch, or at each evaluation, is counted once), the reason kept (.reasons, by key; .last);
+    the first five printed."""
 
     def __init__(self):
-        self.reasons = []
+        self.reasons = {}
+        self.last = None
 
-    def __call__(self, why):
-        self.reasons.append(why)
+    def __call__(self, why, key):
+        self.last = why
+        if key in self.reasons:
+            return
+        self.reasons[key] = why
         if len(self.reasons) <= 5:
             more = " (further reasons are not printed)" if len(self.reasons) == 5 else ""
             print(f"skipped: {why}{more}", flush=True)
@@ -125,7 +237,8 @@ class SkippedRecords:
 
 def load_records(cfg, rank, skip):
     """(training records, held-out records), read from --data and --val; with --synthetic and no
-    --data, drawn first into OUT/data by rank 0 while the others wait. Exits if none is usable."""
+    --data, drawn first into OUT/data by rank 0 while the others wait. InputError if none is
+    usable."""
     if cfg.synthetic and not cfg.data:
         folder = os.path.join(cfg.out, "data")
         cfg.data = os.path.join(folder, "train.json")
@@ -139,36 +252,50 @@ def load_records(cfg, rank, skip):
     records = read_records(cfg.data, skip)
     val = read_records(cfg.val, skip) if cfg.val else []
     if not records:
-        sys.exit(f"no usable records in {cfg.data}")
+        raise InputError(f"no usable records in {cfg.data}; expected {EXPECTED}")
     return records, val
 
 
-def to_sample(record, cfg, tokenizer, mcfg, skip, max_len=None):
-    """A Sample, or None. A lone image goes multi-patch (as released) if there is image_newline."""
+def to_sample(record, cfg, tokenizer, mcfg, max_len=None):
+    """(Sample, None), or (None, why the record cannot be used). A lone image goes multi-patch (as
+    released) if there is image_newline."""
     # interleave.InputError, which a malformed record raises, is a ValueError
     try:
-        return interleave.record_to_sample(record, cfg.image_folder, tokenizer, mcfg, max_len,
-                                           anyres=mcfg.has_image_newline)
-    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
-        skip(f"record {record.get('id') if isinstance(record, dict) else record!r}: {e}")
+        sample = interleave.record_to_sample(record, cfg.image_folder, tokenizer, mcfg, max_len,
+                                             anyres=mcfg.has_image_newline)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, OSError) as e:
+        name = record.get("id") if isinstance(record, dict) else record
+        return None, f"record {name!r:.80}: {e}"
+    return sample, None
 
 
 def start_loader(run):
     """In each loader process: keep the run's (cfg, tokenizer, model config), passed rather than
     inherited so that spawning (macOS, Windows) works as forking does; one thread, as in torch's
-    DataLoader."""
+    DataLoader; and exit when the trainer is gone."""
     global LOADER
     LOADER = run
     torch.set_num_threads(1)
+    watchdog = threading.Thread(target=exit_with_trainer, args=(os.getppid(),), daemon=True)
+    watchdog.start()
+
+
+def exit_with_trainer(trainer):
+    """A loader process's watchdog: exit once its parent, the trainer (process id `trainer`), is
+    gone. A trainer killed outright (SIGKILL, out of memory) cannot shut its loader processes down,
+    and they would wait for work forever (torch's DataLoader workers watch the same way)."""
+    parent = multiprocessing.parent_process()
+    # Unix gives an orphan a new parent; on Windows the parent's sentinel (a handle) turns ready
+    while os.getppid() == trainer and parent.is_alive():
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def prepare(record):
     """(Sample or None, why skipped) for the next step, pickled by value here, not as torch's
     shared-memory handles."""
     cfg, tokenizer, mcfg = LOADER
-    reasons = []
-    sample = to_sample(record, cfg, tokenizer, mcfg, reasons.append, cfg.budget)
-    return pickle.dumps((sample, reasons))
+    return pickle.dumps(to_sample(record, cfg, tokenizer, mcfg, cfg.budget))
 
 
 @functools.lru_cache(maxsize=2)
@@ -178,24 +305,26 @@ def permutation(n, seed, epoch):
 
 
 def submit_batch(pool, records, cfg, start, rank, world):
-    """Futures of this process's share of the batch at data position `start`, prepared by the
-    loader processes: the records at start + rank, start + rank + world, ... below start + batch."""
+    """(record index, future) of this process's share of the batch at data position `start`,
+    prepared by the loader processes: the records at start + rank, start + rank + world, ... below
+    start + batch."""
     n = len(records)
     futures = []
     for i in range(start + rank, start + cfg.batch, world):
-        order = permutation(n, cfg.seed, i // n)
-        futures.append(pool.submit(prepare, records[order[i % n]]))
+        index = permutation(n, cfg.seed, i // n)[i % n]
+        futures.append((index, pool.submit(prepare, records[index])))
     return futures
 
 
 def take_batch(futures, skip):
-    """The usable samples of the futures from submit_batch; the reasons of the others go to skip."""
+    """The usable samples of the futures from submit_batch; the reasons of the others go to skip,
+    by record index: a record drawn again in a later epoch is counted once."""
     samples = []
-    for future in futures:
-        sample, reasons = pickle.loads(future.result())
-        for why in reasons:
-            skip(why)
-        if sample is not None:
+    for index, future in futures:
+        sample, why = pickle.loads(future.result())
+        if sample is None:
+            skip(why, ("train", index))
+        else:
             samples.append(sample)
     return samples
 
@@ -219,11 +348,14 @@ def train_tokenizer(records, vocab_size=512):
     tok.decoder = decoders.ByteLevel()
     texts = [interleave.SYSTEM_PROMPT, "system\nuser\nassistant\n"]
     for record in records:
-        if not isinstance(record, dict):
+        turns = record.get("conversations") if isinstance(record, dict) else None
+        if not isinstance(turns, list):
             continue
-        for turn in record.get("conversations") or []:
+        for turn in turns:
             if isinstance(turn, dict) and isinstance(turn.get("value"), str):
-                texts.append(turn["value"].replace("<image>", "\n"))
+                # a lone surrogate (JSON's "\ud800") has no UTF-8: replaced by "?"
+                text = turn["value"].encode("utf-8", "replace").decode()
+                texts.append(text.replace("<image>", "\n"))
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                   show_progress=False, initial_alphabet=alphabet)
@@ -261,19 +393,36 @@ def fresh_model(preset, tokenizer, seed, tower_steps=0, log=print):
     return pretrain(model, tower_steps, seed, log)
 
 
-def build_model(cfg, records, device, cuda, log):
-    """(model, tokenizer) on `device`, in training mode: fresh for a preset, else loaded from the
-    checkpoint to fine-tune, or with --resume from OUT/latest."""
+def checkpoint_source(cfg):
+    """The checkpoint folder the run starts from: OUT/latest with --resume, else --init's folder."""
+    return os.path.join(cfg.out, "latest") if cfg.resume else cfg.init
+
+
+def build_tokenizer(cfg, records):
+    """A fresh preset's tokenizer, trained on the records (deterministic: every process trains the
+    same one); else the checkpoint's."""
     if cfg.init in PRESETS and not cfg.resume:
-        # deterministic: every process trains the same one
-        tokenizer = train_tokenizer(records)
+        return train_tokenizer(records)
+    return interleave.load_tokenizer(checkpoint_source(cfg))
+
+
+def check_budget(budget, tokenizer):
+    """Raise InputError for a --budget that cannot hold the shortest sample: the chat template
+    around an empty question, and one token of a reply."""
+    template = tokenizer.encode(interleave.chat_prompt(""), add_special_tokens=False).ids
+    if budget <= len(template):
+        raise InputError(f"--budget {budget}: the chat template alone takes {len(template)} "
+                         "tokens, and a sample needs a reply too; raise it (1024 is the default)")
+
+
+def build_model(cfg, tokenizer, device, cuda, log):
+    """The model on `device`, in training mode: fresh for a preset, else loaded from the checkpoint
+    to fine-tune, or with --resume from OUT/latest."""
+    if cfg.init in PRESETS and not cfg.resume:
         model = fresh_model(cfg.init, tokenizer, cfg.seed, cfg.pretrain_tower, log)
     else:
-        source = os.path.join(cfg.out, "latest") if cfg.resume else cfg.init
-        model = interleave.load(source, dtype=torch.float32)
-        tokenizer = interleave.load_tokenizer(source)
-    model = model.to(device).train().set_attention(cfg.attn or ("triton" if cuda else "sdpa"))
-    return model, tokenizer
+        model = interleave.load(checkpoint_source(cfg), dtype=torch.float32)
+    return model.to(device).train().set_attention(cfg.attn or ("triton" if cuda else "sdpa"))
 
 
 # ==== Stage 0: the tiny model's vision tower trained alone on the shapes and colours of pictures
@@ -382,13 +531,19 @@ def make_optimizer(params, cfg, cuda):
 
 def resume(cfg, optimizer, device, cuda):
     """(step, data position, loss history, evaluations) to start from; with --resume, those of
-    OUT/latest/trainer_state.pt, whose optimizer moments and random generators are restored too."""
+    OUT/latest's trainer state, whose optimizer moments and random generators are restored too."""
     if not cfg.resume:
         return 0, 0, [], []
-    state = torch.load(os.path.join(cfg.out, "latest", "trainer_state.pt"), weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    folder = os.path.join(cfg.out, "latest")
+    state = read_trainer_state(folder)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{folder}: its optimizer state does not fit this run's trained "
+                              f"parameters ({e}); resume with the options it was written "
+                              "with") from None
     torch.set_rng_state(state["rng"])
-    if cuda:
+    if cuda and state["cuda_rng"] is not None:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
     return state["progress"]
 
@@ -449,7 +604,7 @@ def atomic(path, write):
 
 def write_model(folder, model, tokenizer, trainer_state=None):
     """config.json, model.safetensors (fp32), tokenizer.json, generation_config.json, each written
-    atomically; trainer_state.pt too when given one."""
+    atomically; the trainer state too when given one (write_trainer_state)."""
     os.makedirs(folder, exist_ok=True)
     # tied embeddings: then the hub's files have no lm_head (docs/MODEL.md §1)
     tied = model.config.text.tie_embeddings
@@ -468,22 +623,87 @@ def write_model(folder, model, tokenizer, trainer_state=None):
         atomic(os.path.join(folder, name), lambda tmp: pathlib.Path(tmp).write_text(text))
     atomic(os.path.join(folder, "tokenizer.json"), tokenizer.save)
     if trainer_state is not None:
-        atomic(os.path.join(folder, "trainer_state.pt"), lambda tmp: torch.save(trainer_state, tmp))
+        write_trainer_state(folder, trainer_state)
+
+
+# The trainer state is kept without pickle: unpickling a file runs any code it names, and a run
+# folder may be shared or writable by others. Its tensors go into a safetensors file, the rest
+# into JSON; a trainer_state.pt an older train.py left is never read.
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+
+
+def trainer_state(progress, optimizer, cfg, device, cuda):
+    """What --resume needs besides the model: the progress (step, data position, loss history,
+    evaluations), the optimizer's state, the config, the random generators'."""
+    return {"progress": progress, "optimizer": optimizer.state_dict(), "config": asdict(cfg),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None}
+
+
+def write_trainer_state(folder, state):
+    """A trainer_state (its "progress": (step, data position, loss history, evaluations),
+    "optimizer": a state_dict, "rng", "cuda_rng", "config") as STATE_TENSORS (the optimizer's
+    moments and steps, optimizer.<parameter index>.<name>; the random generators) and STATE_JSON
+    (the rest: numbers, lists, the optimizer's settings), each atomically."""
+    step, position, history, evals = state["progress"]
+    tensors = {"rng": state["rng"]}
+    if state["cuda_rng"] is not None:
+        tensors["cuda_rng"] = state["cuda_rng"]
+    for index, values in state["optimizer"]["state"].items():
+        for name, value in values.items():
+            tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
+    rest = {"step": step, "position": position, "history": history, "evals": evals,
+            "param_groups": state["optimizer"]["param_groups"], "config": state["config"]}
+    text = json.dumps(rest, indent=1)
+    atomic(os.path.join(folder, STATE_TENSORS), lambda tmp: save_file(tensors, tmp))
+    atomic(os.path.join(folder, STATE_JSON), lambda tmp: pathlib.Path(tmp).write_text(text))
+
+
+def read_trainer_state(folder):
+    """The trainer_state that write_trainer_state wrote into `folder`, as it was given. Raises
+    CheckpointError, naming the file, for one that is missing or malformed."""
+    try:
+        rest = json.loads(pathlib.Path(folder, STATE_JSON).read_text())
+        tensors = load_file(os.path.join(folder, STATE_TENSORS))
+        history = [(int(step), float(loss)) for step, loss in rest["history"]]
+        progress = (int(rest["step"]), int(rest["position"]), history, list(rest["evals"]))
+        moments = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                moments.setdefault(int(index), {})[name] = value
+        # JSON has no tuples: AdamW's betas come back as one
+        groups = [{k: tuple(v) if k == "betas" else v for k, v in group.items()}
+                  for group in rest["param_groups"]]
+        state = {"progress": progress, "optimizer": {"state": moments, "param_groups": groups},
+                 "rng": tensors["rng"], "cuda_rng": tensors.get("cuda_rng"),
+                 "config": rest["config"]}
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{e.filename} is missing: --resume reads the trainer state this "
+                              "train.py writes (never an older one's pickled trainer_state.pt); "
+                              "fine-tune from the folder with --init instead") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
+        raise CheckpointError(f"the trainer state in {folder} is malformed ({e!r:.200}); resume "
+                              "from another checkpoint, or fine-tune from it with --init") from None
+    return state
 
 
 def save_checkpoint(out, step, model, tokenizer, trainer_state):
     """OUT/step-N is written whole under a temporary name, then renamed, and only then does the link
-    OUT/latest move to it: a crash at any moment leaves the last good checkpoint intact. The last
-    two are kept."""
+    OUT/latest move to it: a crash at any moment leaves the last good checkpoint intact. Of the
+    checkpoints of lower steps (this run's, or the one it resumed from) the newest is kept; a
+    higher one is another run's and is never touched."""
     name = f"step-{step:06d}"
     tmp = os.path.join(out, f".{name}.tmp")
     write_model(tmp, model, tokenizer, trainer_state)
     shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     os.replace(tmp, os.path.join(out, name))
     atomic(os.path.join(out, "latest"), lambda link: os.symlink(name, link))
-    checkpoints = sorted(d for d in os.listdir(out) if d.startswith("step-"))
-    for old in checkpoints[:-2]:
-        shutil.rmtree(os.path.join(out, old))
+    found = checkpoints(out)
+    older = sorted(s for s in found if s < step)
+    for old in older[:-1]:
+        shutil.rmtree(os.path.join(out, found[old]))
 
 
 # ==== Loss, FLOPs, evaluation, loss curve
@@ -512,7 +732,8 @@ class WithLoss(torch.nn.Module):
 
 def forward_backward(wrapped, packs, device, world, bf16):
     """Accumulate, pack by pack, the gradients of the step's mean loss per labelled token over all
-    processes' packs; return that mean loss (a float, the same on every process)."""
+    processes' packs; return that mean loss and the count of labelled tokens (each the same on
+    every process)."""
     # the labelled tokens of the whole step, over all processes
     labelled = sum(int((p.labels != IGNORE).sum()) for p in packs)
     count = torch.tensor([float(labelled)], device=device)
@@ -532,7 +753,7 @@ def forward_backward(wrapped, packs, device, world, bf16):
         (loss * world / count.clamp(min=1)).backward()
         total += loss.detach()
     dist.all_reduce(total)
-    return (total / count.clamp(min=1)).item()
+    return (total / count.clamp(min=1)).item(), int(count.item())
 
 
 def step_flops(model, packs, train_vision):
@@ -604,18 +825,37 @@ def cut_at_stop(ids, stops):
     return ids[:end]
 
 
+def unscorable(sample, context):
+    """Why a held-out sample cannot be scored (no reply; too long for the model's `context` with
+    the 8 tokens an answer may run past its reply), or None."""
+    if (sample.labels == IGNORE).all():
+        return "no reply to score"
+    if len(sample.input_ids) + 8 > context:
+        return f"{len(sample.input_ids)} tokens, too long for the model's {context} positions"
+    return None
+
+
+def task_of(record):
+    """The record's metadata.task if that is a string, else "all"."""
+    metadata = record.get("metadata")
+    task = metadata.get("task") if isinstance(metadata, dict) else None
+    return task if isinstance(task, str) else "all"
+
+
 @torch.no_grad()
 def evaluate(model, records, cfg, tokenizer, skip, device, step, log):
     """Held-out loss on the replies, and exact match of the greedy answer to the first reply, per
-    metadata.task."""
+    metadata.task (task_of). An unusable record goes to skip(why, ("val", its index))."""
     model.eval()
     stops = [tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")]
     loss_sum = 0.0
     n_tokens = 0
     tasks = {}   # task -> [whether each answer matched]
-    for record in records:
-        sample = to_sample(record, cfg, tokenizer, model.config, skip)
-        if sample is None or (sample.labels == IGNORE).all():
+    for i, record in enumerate(records):
+        sample, why = to_sample(record, cfg, tokenizer, model.config)
+        why = why or unscorable(sample, model.config.text.max_positions)
+        if why:
+            skip(f"held-out record {i + 1}: {why}", ("val", i))
             continue
         ids = sample.input_ids.to(device)
         labels = sample.labels.to(device)
@@ -630,7 +870,7 @@ def evaluate(model, records, cfg, tokenizer, skip, device, step, log):
         new = model.generate(ids[None, :first], pixels, sample.image_sizes,
                              max_new_tokens=len(reply) + 8, stop_ids=stops, cuda_graph=False)
         new = new[0].tolist()
-        task = (record.get("metadata") or {}).get("task", "all")
+        task = task_of(record)
         answer = tokenizer.decode(cut_at_stop(new, stops)).strip()
         tasks.setdefault(task, []).append(answer == tokenizer.decode(reply).strip())
     model.train()
@@ -682,12 +922,20 @@ def main(argv=None):
         p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"],
                        **kind)
     cfg = Config(**vars(p.parse_args(argv)))
+    # bad options and a used run folder are refused before anything is built
+    try:
+        check_options(cfg)
+        check_run_folder(cfg)
+    except InputError as e:
+        sys.exit(f"error: {e}")
     cuda = torch.cuda.is_available()
     # torchrun sets RANK; a lone process gets a (gloo) process group of its own: one code path
     single = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
     dist.init_process_group("nccl" if cuda and not single else "gloo", **single)
     try:
         return train(cfg, cuda, dist.get_rank(), dist.get_world_size())
+    except (InputError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
     finally:
         dist.destroy_process_group()
 
@@ -706,6 +954,38 @@ def stop_if_not_finite(step, loss, grad_norm, out):
              f"the last good checkpoint is {last_good}")
 
 
+def stop_if_nothing_to_learn(step, unusable, records, skip, budget):
+    """Exit when the last `unusable` records drawn, all of them or 100, gave no token to learn from
+    (each skipped, or cut by --budget before its reply): the loss would read 0 and nothing learn."""
+    if unusable < min(records, 100):
+        return
+    sys.exit(f"step {step + 1}: none of the last {unusable} records drawn has a reply token to "
+             f"learn from (the last reason: {skip.last}); fix the records, or raise --budget "
+             f"{budget} if it cuts them")
+
+
+@contextlib.contextmanager
+def loader_processes(run):
+    """A pool of loader processes (threads would hold the GIL the model's code needs) for `run`
+    (see start_loader), shut down when the run ends or stops, its queued work dropped."""
+    pool = ProcessPoolExecutor(min(8, os.cpu_count()), initializer=start_loader, initargs=(run,))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def finish(cfg, model, tokenizer, val, history, evals, skip, device, step, log):
+    """The end of the run (rank 0): the exported model first, as the last checkpoint already is,
+    so that nothing after can lose it; then the evaluation on every held-out record, the loss
+    curve."""
+    if cfg.export:
+        write_model(cfg.export, model, tokenizer)
+    if val:
+        evals.append(evaluate(model, val, cfg, tokenizer, skip, device, step, log))
+    plot(history, evals, os.path.join(cfg.out, "loss.png"))
+
+
 def train(cfg, cuda, rank, world):
     """One process's part of the run (a single process is rank 0 of 1); returns its results."""
     # ---- set-up: device, log (rank 0 only), the counter of skipped records
@@ -717,9 +997,11 @@ def train(cfg, cuda, rank, world):
     bf16 = cuda if cfg.bf16 is None else cfg.bf16
     skip = SkippedRecords()
 
-    # ---- data, model, optimizer; a checkpoint (or its shape) keeps its tower frozen
+    # ---- data, tokenizer, model, optimizer; a checkpoint (or its shape) keeps its tower frozen
     records, val = load_records(cfg, rank, skip)
-    model, tokenizer = build_model(cfg, records, device, cuda, log)
+    tokenizer = build_tokenizer(cfg, records)
+    check_budget(cfg.budget, tokenizer)
+    model = build_model(cfg, tokenizer, device, cuda, log)
     train_vision = cfg.init == "tiny" or cfg.train_vision
     params = trained_parameters(model, train_vision, cfg.grad_ckpt)
     optimizer = make_optimizer(params, cfg, cuda)
@@ -731,57 +1013,54 @@ def train(cfg, cuda, rank, world):
     step, position, history, evals = resume(cfg, optimizer, device, cuda)
     weights = sum(p.numel() for p in params)
     log(f"{weights:,} trained weights, {len(records)} records, {world}x {device}, step {step}")
-    # ---- loader processes prepare the samples (threads would hold the GIL the model's code needs)
+    # ---- the loop; loader processes prepare the samples
     meter = Throughput()
-    pool = ProcessPoolExecutor(min(8, os.cpu_count()), initializer=start_loader,
-                               initargs=((cfg, tokenizer, model.config),))
-    upcoming = submit_batch(pool, records, cfg, position, rank, world)
-    while step < cfg.steps:
-        # ---- batch: this step's samples, prepared while the last step trained; submit the next
-        lr = get_lr(step, cfg)
-        t0 = time.time()
-        samples = take_batch(upcoming, skip)
-        position += cfg.batch
-        if step + 1 < cfg.steps:
-            upcoming = submit_batch(pool, records, cfg, position, rank, world)
-        packs = pack_batch(samples, cfg.budget)
-        # ---- forward and backward, then clip the gradient norm at 1
-        loss = forward_backward(wrapped, packs, device, world, bf16)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        stop_if_not_finite(step, loss, grad_norm, cfg.out)
-        # ---- step
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        history.append((step, loss))
-        # ---- log: every 10 steps, the throughput since the last log line
-        meter.add(time.time() - t0, packs, step_flops(model, packs, train_vision), world, cfg.budget)
-        if step % 10 == 0 or step == cfg.steps:
-            log(f"step {step}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                f"grad norm {grad_norm:.2f} | {meter.summary(device, world, cfg.steps - step)} | "
-                f"skipped {len(skip.reasons)}", flush=True)
-            meter = Throughput()
-        # ---- evaluate on 200 held-out records (rank 0); on every one of them after the last step
-        if rank == 0 and val and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            evals.append(evaluate(model, val[:200], cfg, tokenizer, skip, device, step, log))
-        # ---- checkpoint (rank 0; the others wait at the barrier): what resume reads back
-        if rank == 0 and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
-            save_checkpoint(cfg.out, step, model, tokenizer, {
-                "progress": (step, position, history, evals), "optimizer": optimizer.state_dict(),
-                "config": asdict(cfg), "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if cuda else None})
-        dist.barrier()
+    unusable = 0   # records drawn since a step last had a token to learn from
+    with loader_processes((cfg, tokenizer, model.config)) as pool:
+        upcoming = submit_batch(pool, records, cfg, position, rank, world)
+        while step < cfg.steps:
+            # ---- batch: this step's samples, prepared while the last step trained; submit the next
+            lr = get_lr(step, cfg)
+            t0 = time.time()
+            samples = take_batch(upcoming, skip)
+            position += cfg.batch
+            if step + 1 < cfg.steps:
+                upcoming = submit_batch(pool, records, cfg, position, rank, world)
+            packs = pack_batch(samples, cfg.budget)
+            # ---- forward and backward, then clip the gradient norm at 1
+            loss, labelled = forward_backward(wrapped, packs, device, world, bf16)
+            unusable = 0 if labelled else unusable + cfg.batch
+            stop_if_nothing_to_learn(step, unusable, len(records), skip, cfg.budget)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            stop_if_not_finite(step, loss, grad_norm, cfg.out)
+            # ---- step
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            history.append((step, loss))
+            # ---- log: every 10 steps, the throughput since the last log line
+            meter.add(time.time() - t0, packs, step_flops(model, packs, train_vision), world,
+                      cfg.budget)
+            if step % 10 == 0 or step == cfg.steps:
+                speed = meter.summary(device, world, cfg.steps - step)
+                log(f"step {step}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                    f"grad norm {grad_norm:.2f} | {speed} | skipped {len(skip.reasons)}", flush=True)
+                meter = Throughput()
+            # ---- evaluate on 200 held-out records (rank 0); on all of them after the last step
+            evaluating = cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps
+            if rank == 0 and val and evaluating:
+                evals.append(evaluate(model, val[:200], cfg, tokenizer, skip, device, step, log))
+            # ---- checkpoint (rank 0; the others wait at the barrier): what resume reads back
+            if rank == 0 and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
+                state = trainer_state((step, position, history, evals), optimizer, cfg, device, cuda)
+                save_checkpoint(cfg.out, step, model, tokenizer, state)
+            dist.barrier()
 
-    # ---- the end: evaluation on every held-out record, the loss curve, the exported model
+    # ---- the end (rank 0): the exported model, then evaluation on every held-out record
     if rank == 0:
-        if val:
-            evals.append(evaluate(model, val, cfg, tokenizer, skip, device, step, log))
-        plot(history, evals, os.path.join(cfg.out, "loss.png"))
-        if cfg.export:
-            write_model(cfg.export, model, tokenizer)
-    pool.shutdown()
+        finish(cfg, model, tokenizer, val, history, evals, skip, device, step, log)
     skipped = len(skip.reasons)
     log(f"done: {step} steps in {(time.time() - started) / 60:.1f} min, {skipped} records skipped")
     return {"model": model, "tokenizer": tokenizer, "history": history, "evals": evals,

@@ -156,7 +156,7 @@ def test_torchrun_two_processes_match_one(run, data, tmp_path):
            os.path.join(ROOT, "train.py"), *args(data, tmp_path, "--steps", 12, "--save-every", 12)]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    state = torch.load(tmp_path / "latest" / "trainer_state.pt", weights_only=False)
+    state = train.read_trainer_state(tmp_path / "latest")
     two = [loss for _, loss in state["progress"][2]]
     one = [loss for _, loss in result["history"]]
     assert two == pytest.approx(one, rel=1e-5)
@@ -171,7 +171,7 @@ def test_spawned_loader_processes_match_forked_ones(run, data, tmp_path):
     done = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    state = torch.load(tmp_path / "latest" / "trainer_state.pt", weights_only=False)
+    state = train.read_trainer_state(tmp_path / "latest")
     assert state["progress"][2] == result["history"]
 
 
