@@ -23,6 +23,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 import time
 
 import torch
@@ -295,11 +296,10 @@ def recording_attention(prompt_len):
         interleave.attention = inner
 
 
-def draw_attention(out_file, images, names, sample, weights, config, log):
-    """Red where the answer looked, over a grey copy of each image: the plain image's grid*grid
-    slots, or the tile grid of a multi-patch image (its image_newline column dropped). One colour
-    scale for all images."""
-    # ---- cut the weights (T,) into one map per image
+def attention_maps(sample, weights, config):
+    """The answer's attention `weights` (T,) cut into one map per image: the plain image's
+    grid x grid slots, or the tile grid of a multi-patch image (its image_newline column dropped).
+    Returns (maps, each image's share of the attention)."""
     s = config.vision.image_size // config.vision.patch_size
     begin = 0
     maps = []
@@ -318,23 +318,67 @@ def draw_attention(out_file, images, names, sample, weights, config, log):
             maps.append(tiles[:, :-1])                                                    # (R, C)
         shares.append(float(weights[begin:begin + n].sum()))
         begin += n
-    # ---- draw each map in red over a grey copy of its image, one colour scale for all
+    return maps, shares
+
+
+def heat_tile(image, heat, low, high):
+    """The image in grey, fitted to TILE (small images enlarged with nearest neighbour, so their
+    pixels stay sharp), with its map in red on top, one square per patch."""
+    image = image.convert("L").convert("RGB")
+    scale = TILE / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    enlarge = scale > 1
+    image = image.resize(size, Image.NEAREST if enlarge else Image.BICUBIC)
+    alpha = Image.fromarray((200 * (heat - low) / max(high - low, 1e-12)).byte().numpy())
+    red = Image.new("RGB", image.size, "red")
+    return Image.composite(red, image, alpha.resize(image.size, Image.NEAREST))
+
+
+def colour_scale(sheet, top, low, high):
+    """A bar from no attention (grey) to the most (red) at height top, with its two ends' values:
+    the attention of one slot, averaged over the answer's tokens and the layers."""
+    draw = ImageDraw.Draw(sheet)
+    left = 8
+    width = min(256, sheet.width - 16)
+    for x in range(width):
+        level = x / max(width - 1, 1)
+        grey = round(128 * (1 - level * 200 / 255))
+        colour = (grey + round(255 * level * 200 / 255), grey, grey)
+        draw.line((left + x, top, left + x, top + 10), fill=colour)
+    draw.text((left, top + 12), f"{low:.3g}", fill="black")
+    most = f"{high:.3g} per slot"
+    draw.text((left + width - draw.textlength(most), top + 12), most, fill="black")
+
+
+def draw_attention(out_file, images, names, sample, weights, config, log, caption=()):
+    """Where the answer looked: each image in grey with the answer's attention in red on top, its
+    name and share below it, the caption lines (question, answer, expected answer) above, and
+    one colour scale for all images below."""
+    maps, shares = attention_maps(sample, weights, config)
     low = min(float(m.min()) for m in maps)
     high = max(float(m.max()) for m in maps)
+    # ---- the sheet: caption, then rows of TILE squares each with a label line, then the scale
+    width = TILE * min(len(images), PER_ROW)
+    # About 6 pixels a character in Pillow's default font
+    wrapped = [part for text in caption for part in textwrap.wrap(text, width // 6 - 2)]
+    line = 14
+    header = line * len(wrapped) + 8
+    cell = TILE + line + 8
     rows = -(-len(images) // PER_ROW)   # rounded up
-    sheet = Image.new("RGB", (TILE * min(len(images), PER_ROW), TILE * rows), "white")
+    sheet = Image.new("RGB", (width, header + cell * rows + 32), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, text in enumerate(wrapped):
+        draw.text((8, 4 + line * i), text, fill="black")
+    # ---- each image in its square, centred, its label below it
     for i, (image, heat, name, share) in enumerate(zip(images, maps, names, shares)):
-        image = image.convert("L").convert("RGB")
-        image.thumbnail((TILE, TILE))
-        alpha = Image.fromarray((200 * (heat - low) / max(high - low, 1e-12)).byte().numpy())
-        red = Image.new("RGB", image.size, "red")
-        tile = Image.composite(red, image, alpha.resize(image.size, Image.BILINEAR))
-        ImageDraw.Draw(tile).text((4, 4), f"{name} {100 * share:.0f}%", fill="yellow")
-        # Centred in its square of the sheet
-        x = TILE * (i % PER_ROW) + (TILE - tile.width) // 2
-        y = TILE * (i // PER_ROW) + (TILE - tile.height) // 2
-        sheet.paste(tile, (x, y))
-    # Written under a temporary name, then renamed: a picture is never left half-written
+        tile = heat_tile(image, heat, low, high)
+        x = TILE * (i % PER_ROW)
+        y = header + cell * (i // PER_ROW)
+        sheet.paste(tile, (x + (TILE - tile.width) // 2, y + (TILE - tile.height) // 2))
+        draw.text((x + 4, y + TILE + 2), f"{name}: {100 * share:.0f}% of the attention",
+                  fill="black")
+    colour_scale(sheet, header + cell * rows + 4, low, high)
+    # ---- written under a temporary name, then renamed: a picture is never left half-written
     partial = out_file + ".partial"
     extension = os.path.splitext(out_file)[1].lower()
     sheet.save(partial, format=Image.registered_extensions()[extension])
@@ -363,8 +407,9 @@ class Session:
     args: argparse.Namespace
     log: object          # log(message) writes one line of statistics
 
-    def answer(self, turns, images, names, before="", out=None):
-        """Answer the conversation so far: stream the answer to out (stdout), return its text."""
+    def answer(self, turns, images, names, before="", out=None, expected=None):
+        """Answer the conversation so far: stream the answer to out (stdout), return its text.
+        expected: the right answer, when known (the demo), for the --viz caption."""
         out = out or sys.stdout
         config = self.model.config
         settings = self.settings
@@ -415,7 +460,12 @@ class Session:
                  f"{peak_memory(device)}")
         if record is not None and record.steps:
             weights = record.total / record.steps
-            draw_attention(self.args.viz, images, names, sample, weights, config, self.log)
+            question = turns[-1][1].replace(interleave.IMAGE_MARKER, "").split()
+            caption = [f"question: {' '.join(question)}", f"answer: {text.strip()}"]
+            if expected is not None:
+                caption.append(f"expected answer: {expected}")
+            draw_attention(self.args.viz, images, names, sample, weights, config, self.log,
+                           caption)
         return text
 
 
@@ -446,7 +496,8 @@ def demo(session):
         session.args.anyres = anyres
         names = [f"{task} {i + 1}" for i in range(len(images))]
         heading = f"[{task}, expected answer: {expected}]\n{question}\n> "
-        session.answer([("user", question, images)], images, names, before=heading)
+        session.answer([("user", question, images)], images, names, before=heading,
+                       expected=expected)
 
 
 def chat(session, images, names):

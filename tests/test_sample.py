@@ -141,7 +141,9 @@ def test_multipatch_with_the_prompt_on_stdin_and_an_attention_map(ckpt, files, t
                  input="What is the mark?\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout == reference(ckpt["anyres"], "What is the mark?", [files["big"]], 12, anyres=True) + "\n"
-    assert "attention map in" in result.stderr and Image.open(out).size == (256, 256)
+    # One 256-pixel square wide; taller than it by the caption, the label and the colour scale (issue 15)
+    width, height = Image.open(out).size
+    assert "attention map in" in result.stderr and width == 256 and height > 256
 
 
 def test_chat_keeps_the_images_in_the_conversation(ckpt, files):
@@ -206,3 +208,31 @@ def test_command_line_options_win_over_generation_config(ckpt):
     args = sample.parse_args(["--temperature", "0", "--max-new-tokens", "5"])
     settings, stops = sample.generation_settings(args, ckpt["sharded"], lambda message: None)
     assert settings == dict(temperature=0.0, top_k=20, top_p=0.8, repetition_penalty=1.05, max_new_tokens=5)
+
+
+def test_viz_draws_the_hot_patch_red_on_an_enlarged_image_with_caption_and_scale(tmp_path):
+    config = interleave.read_config(os.path.join(ROOT, "models", "m4-tiny"))   # 64-pixel images, 4 x 4 patches
+    slot = config.image_token_id
+    sample_in = interleave.Sample(torch.tensor([5] + [slot] * 16 + [6]), None, None, [None])
+    weights = torch.full((18,), 0.01)
+    weights[1 + 1 * 4 + 2] = 0.5                     # row 1, column 2 of the patch grid
+    # A 64-pixel checkerboard of 1-pixel squares: enlarged by nearest neighbour, each becomes a 4 x 4 block.
+    board = Image.fromarray(((np.indices((64, 64)).sum(0) % 2) * 255).astype(np.uint8)).convert("RGB")
+    out = str(tmp_path / "viz.png")
+    caption = ["question: which?", "answer: 3", "expected answer: 3"]
+    sample.draw_attention(out, [board], ["board"], sample_in, weights, config, lambda message: None, caption)
+    sheet = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    header = 14 * len(caption) + 8
+    # The hot patch (64 x 64 pixels on the sheet) is red; a cold one is grey (no red cast).
+    hot = sheet[header + 64 + 32, 128 + 32 + 1]
+    cold = sheet[header + 192 + 32, 32 + 1]
+    assert hot[0] >= 190 and hot[1] < 100, hot
+    assert abs(cold[0] - cold[1]) < 10, cold
+    # Nearest neighbour: the cold patch keeps the board's sharp 4-pixel blocks (a blur would give mid-grey).
+    row = sheet[header + 192 + 33, 0:64, 1]
+    assert set(np.unique(row)) <= {0, 255} and len(np.unique(row)) == 2
+    # Caption above the images, the name below them, a colour scale at the bottom running grey to red.
+    assert (sheet[:header] < 128).any()
+    assert (sheet[header + 256: header + 256 + 14] < 128).any()
+    scale = sheet[header + 256 + 22 + 4 + 5, 8:248]
+    assert scale[0][0] - scale[0][1] < 10 and scale[-1][0] - scale[-1][1] > 150
