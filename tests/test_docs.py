@@ -68,7 +68,7 @@ def definitions():
 TOP_LEVEL, MEMBERS, USED = definitions()
 EVERY_SOURCE = "\n".join(read(os.path.relpath(p, ROOT)) for p in glob.glob(os.path.join(ROOT, "**", "*.*"),
                                                                             recursive=True)
-                         if p.endswith((".py", ".sh")) and "/.venv/" not in p)
+                         if p.endswith((".py", ".sh")) and "/.venv/" not in p and p != os.path.abspath(__file__))
 
 
 def missing(span):
