@@ -1,6 +1,6 @@
 """Train LLaVA-NeXT-Interleave on M4-Instruct data: a tiny model from scratch, or fine-tune one.
 
-    python train.py --init tiny --synthetic 4000 --pretrain-tower 2500 --out out/tiny    # as the embedded model
+    python train.py --init tiny --synthetic 4000 --pretrain-tower 2500 --loss-on replies --out out/tiny  # as m4-tiny
     python train.py --init PATH --data m4.json --image-folder IMAGES --val val.json --out out/ft   # fine-tune
     torchrun --nproc_per_node 8 train.py ...      # the same run on 8 GPUs (DDP); --batch stays the global batch
 
@@ -90,6 +90,7 @@ class Config:
     save_every: int = opt(250, "steps between checkpoints (one is also written at the end; 0: none at all)")
     resume: bool = opt(False, "continue from OUT/latest: model, optimizer, schedule, step, data position, RNG")
     export: str = opt("", "also write the final model, without optimizer state, to this folder")
+    loss_on: str = opt("release", "labels (docs/MODEL.md §5): 'release', as the release trains, or 'replies' only")
 
 
 # ==== Data: records (unusable ones skipped and counted), their order, a tokenizer trained on them
@@ -143,12 +144,14 @@ def load_records(cfg, rank, skip):
     return records, val
 
 
-def to_sample(record, cfg, tokenizer, mcfg, skip, max_len=None):
-    """A Sample, or None. A lone image goes multi-patch (as released) if there is image_newline."""
+def to_sample(record, cfg, tokenizer, mcfg, skip, max_len=None, loss_on=None):
+    """A Sample, or None. A lone image goes multi-patch (as released) if there is image_newline.
+    Its labels follow loss_on, by default --loss-on."""
     # interleave.InputError, which a malformed record raises, is a ValueError
     try:
         return interleave.record_to_sample(record, cfg.image_folder, tokenizer, mcfg, max_len,
-                                           anyres=mcfg.has_image_newline)
+                                           anyres=mcfg.has_image_newline,
+                                           loss_on=loss_on or cfg.loss_on)
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
         skip(f"record {record.get('id') if isinstance(record, dict) else record!r}: {e}")
 
@@ -607,14 +610,14 @@ def cut_at_stop(ids, stops):
 @torch.no_grad()
 def evaluate(model, records, cfg, tokenizer, skip, device, step, log):
     """Held-out loss on the replies, and exact match of the greedy answer to the first reply, per
-    metadata.task."""
+    metadata.task: the labels by the replies rule, whatever --loss-on, mark where they are."""
     model.eval()
     stops = [tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")]
     loss_sum = 0.0
     n_tokens = 0
     tasks = {}   # task -> [whether each answer matched]
     for record in records:
-        sample = to_sample(record, cfg, tokenizer, model.config, skip)
+        sample = to_sample(record, cfg, tokenizer, model.config, skip, loss_on="replies")
         if sample is None or (sample.labels == IGNORE).all():
             continue
         ids = sample.input_ids.to(device)
@@ -682,6 +685,8 @@ def main(argv=None):
         p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"],
                        **kind)
     cfg = Config(**vars(p.parse_args(argv)))
+    if cfg.loss_on not in interleave.LOSS_RULES:
+        p.error(f"--loss-on {cfg.loss_on!r}: choose one of {', '.join(interleave.LOSS_RULES)}")
     cuda = torch.cuda.is_available()
     # torchrun sets RANK; a lone process gets a (gloo) process group of its own: one code path
     single = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
