@@ -290,6 +290,9 @@ def read_video_frames(source, num_frames=16, max_frames=None):
 # ==== 3. Text (§3, §5): tokenizer, ChatML template, conversations -> model inputs, training samples, packing
 
 IGNORE = -100   # the label of every position that carries no loss
+# The rules for training labels (§5): "release", as the release computes them (the default), or
+# "replies", the loss on the assistant replies and their <|im_end|> only.
+LOSS_RULES = ("release", "replies")
 
 
 def load_tokenizer(path):
@@ -310,8 +313,8 @@ def chat_segments(turns, system=SYSTEM_PROMPT, add_generation_prompt=None):
 
     turns: (role, text) or (role, text, images), roles "user" and "assistant". A turn with images
     but no <image> marker gets them in front of its text (the paper's "in-the-front" format); a
-    turn with markers needs exactly one per image. is_reply marks what the training loss sees: an
-    assistant reply and its <|im_end|>.
+    turn with markers needs exactly one per image. is_reply marks an assistant reply and its
+    <|im_end|>: what the "replies" rule labels (§5).
     """
     segments = [(f"<|im_start|>system\n{system}<|im_end|>\n", False)]
     for role, text, *rest in turns:
@@ -365,6 +368,22 @@ def encode_prompt(tokenizer, text, image_token_id, slots_per_image):
     return ids
 
 
+def newline_id(tokenizer):
+    """The id of a lone newline, the token of a "\\n" that the tokenizer did not merge with its
+    neighbours: 198 in Qwen's vocabulary, "Ċ" in any byte-level BPE. None if a newline alone is not
+    one token."""
+    ids = tokenizer.encode("\n", add_special_tokens=False).ids
+    return ids[0] if len(ids) == 1 else None
+
+
+def unmask_everywhere(ids, labels, tokenizer):
+    """The last step of the release's labels (§5): every <|im_start|>, every <|im_end|> and every
+    lone newline is labelled wherever it stands, in the system and user turns too."""
+    kept = {tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>"),
+            newline_id(tokenizer)}
+    return [t if t in kept else label for t, label in zip(ids, labels)]
+
+
 @dataclass
 class Sample:
     """Model inputs for one conversation, or for several packed into one sequence that never see
@@ -378,11 +397,14 @@ class Sample:
 
 
 def build_inputs(turns, tokenizer, config, system=SYSTEM_PROMPT, anyres=False,
-                 add_generation_prompt=None, check_context=True):
+                 add_generation_prompt=None, check_context=True, loss_on="release"):
     """A conversation (see chat_segments; images as PIL images or paths) -> Sample. Multi-image,
     video frames and 3D views are all just several images; anyres cuts a conversation's single
     image into tiles (§4). check_context: refuse a conversation longer than the model's context
-    before any pixel is decoded (training truncates instead, and passes False)."""
+    before any pixel is decoded (training truncates instead, and passes False). loss_on: the rule
+    of the labels, one of LOSS_RULES (§5); they never fall on an image slot."""
+    if loss_on not in LOSS_RULES:
+        raise InputError(f"loss_on={loss_on!r}: the labels' rule is one of {', '.join(LOSS_RULES)}")
     segments = chat_segments(turns, system, add_generation_prompt)
     # ---- the images of every turn, in order, and the slots each takes
     images = []
@@ -398,16 +420,23 @@ def build_inputs(turns, tokenizer, config, system=SYSTEM_PROMPT, anyres=False,
         images = [open_image(images[0])]
         sizes = [images[0].size]
     slots = [image_slots(config, size) for size in sizes]
-    # ---- the token ids, segment by segment; a label only on the text of a reply
+    # ---- the token ids, segment by segment, and their labels (§5)
+    # The role of each segment's turn: the system's one segment, then three per turn (header, text
+    # and <|im_end|>, newline), then the generation prompt, an assistant turn just opened.
+    roles = ["system"] + [turn[0] for turn in turns for _ in range(3)] + ["assistant"]
     ids = []
     labels = []
     unplaced = slots   # the slot counts of the images not yet placed
-    for text, is_reply in segments:
+    for (text, is_reply), role in zip(segments, roles):
         n_images = text.count(IMAGE_MARKER)
         piece = encode_prompt(tokenizer, text, config.image_token_id, unplaced[:n_images])
         unplaced = unplaced[n_images:]
         ids += piece
-        labels += [t if is_reply and t != config.image_token_id else IGNORE for t in piece]
+        # replies: a reply and its <|im_end|>; release: the whole assistant turn, header to newline
+        labelled = is_reply if loss_on == "replies" else role == "assistant"
+        labels += [t if labelled and t != config.image_token_id else IGNORE for t in piece]
+    if loss_on == "release":
+        labels = unmask_everywhere(ids, labels, tokenizer)
     context = config.text.max_positions
     if check_context and len(ids) > context:
         raise InputError(f"the conversation takes {len(ids)} tokens ({sum(slots)} image slots for "
@@ -489,10 +518,11 @@ def media_path(name, image_folder, path, allow_outside=False):
 
 
 def record_to_sample(record, image_folder, tokenizer, config, max_len=None, num_frames=16,
-                     anyres=False, allow_outside=False):
-    """An M4-Instruct / LLaVA record (§5) -> Sample, truncated to max_len tokens. Raises
-    InputError for a record that cannot be used (the caller skips and counts it): a malformed
-    one, or one whose media paths leave image_folder (allowed only with allow_outside)."""
+                     anyres=False, allow_outside=False, loss_on="release"):
+    """An M4-Instruct / LLaVA record (§5) -> Sample, truncated to max_len tokens, its labels by the
+    rule loss_on: "release" (the default) or "replies" (see build_inputs). Raises InputError for a
+    record that cannot be used (the caller skips and counts it): a malformed one, or one whose
+    media paths leave image_folder (allowed only with allow_outside)."""
     # ---- the turns, in our role names
     if not isinstance(record, dict):
         raise InputError(f"record {shown(record)} is not a JSON object "
@@ -521,14 +551,14 @@ def record_to_sample(record, image_folder, tokenizer, config, max_len=None, num_
     turns = [(role, text, images[starts[i]:starts[i + 1]]) for i, (role, text) in enumerate(turns)]
     # Not checked against the context here: truncate() cuts the sample to max_len.
     sample = build_inputs(turns, tokenizer, config, anyres=anyres and len(images) == 1,
-                          add_generation_prompt=False, check_context=False)
+                          add_generation_prompt=False, check_context=False, loss_on=loss_on)
     return truncate(sample, max_len, config) if max_len else sample
 
 
 def truncate(sample, max_len, config):
     """Cut a sample to max_len tokens in its text only: a cut inside an image's slots moves back to
-    before that image, and the images past the cut go with it. A sample with no answer left raises
-    InputError."""
+    before that image, and the images past the cut go with it. A sample with no label left raises
+    InputError (by the release's rule the system turn always keeps some: its <|im_end|>, say)."""
     ids = sample.input_ids
     cut = min(max_len, len(ids))
     slot = (ids == config.image_token_id).tolist() + [False]
@@ -549,7 +579,8 @@ def truncate(sample, max_len, config):
 
 def pack_samples(samples, budget, verbose=True):
     """Pack samples into Samples of at most budget tokens, with position_ids and cu_seqlens (§5):
-    first-fit, longest first, no padding. Prints the efficiency: real tokens / (packs x budget)."""
+    first-fit, longest first, no padding; each sample's first label is IGNORE in the pack. Prints
+    the efficiency: real tokens / (packs x budget)."""
     # ---- first fit: each sample, longest first, goes into the first pack with room for it
     bins = []   # the samples of each pack
     room = []   # the tokens each pack can still take
@@ -569,9 +600,14 @@ def pack_samples(samples, budget, verbose=True):
     for group in bins:
         lengths = [len(sample.input_ids) for sample in group]
         pixels = [sample.pixel_values for sample in group if sample.pixel_values is not None]
+        # No position of a sample predicts its first token. In a pack the previous sample's last one
+        # would, so that label goes (the release's rule gives one there, <|im_start|>, §5).
+        labels = [sample.labels.clone() for sample in group]
+        for sample_labels in labels:
+            sample_labels[:1] = IGNORE
         packs.append(Sample(
             input_ids=torch.cat([sample.input_ids for sample in group]),
-            labels=torch.cat([sample.labels for sample in group]),
+            labels=torch.cat(labels),
             pixel_values=torch.cat(pixels) if pixels else None,
             image_sizes=[size for sample in group for size in sample.image_sizes],
             position_ids=torch.cat([torch.arange(n) for n in lengths]),

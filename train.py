@@ -1,6 +1,6 @@
 """Train LLaVA-NeXT-Interleave on M4-Instruct data: a tiny model from scratch, or fine-tune one.
 
-    python train.py --init tiny --synthetic 4000 --pretrain-tower 2500 --out out/tiny    # as the embedded model
+    python train.py --init tiny --synthetic 4000 --pretrain-tower 2500 --loss-on replies --out out/tiny  # as m4-tiny
     python train.py --init PATH --data m4.json --image-folder IMAGES --val val.json --out out/ft   # fine-tune
     torchrun --nproc_per_node 8 train.py ...      # the same run on 8 GPUs (DDP); --batch stays the global batch
 
@@ -99,6 +99,7 @@ class Config:
                           least=0)
     resume: bool = opt(False, "continue from OUT/latest: model, optimizer, schedule, step, data position, RNG")
     export: str = opt("", "also write the final model, without optimizer state, to this folder")
+    loss_on: str = opt("release", "labels (docs/MODEL.md §5): 'release', as the release trains, or 'replies' only")
 
 
 def check_options(cfg):
@@ -113,6 +114,8 @@ def check_options(cfg):
             raise InputError(f"--{f.name.replace('_', '-')} {value}: must be {accepted}")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise InputError(f"--lr {cfg.lr}: must be a positive, finite number (2e-3 is the default)")
+    if cfg.loss_on not in interleave.LOSS_RULES:
+        raise InputError(f"--loss-on {cfg.loss_on!r}: choose one of {', '.join(interleave.LOSS_RULES)}")
     if cfg.attn not in ("", "plain", "sdpa", "triton"):
         raise InputError(f"--attn {cfg.attn!r}: must be plain, sdpa or triton")
     if not (cfg.data or cfg.synthetic):
@@ -256,13 +259,14 @@ def load_records(cfg, rank, skip):
     return records, val
 
 
-def to_sample(record, cfg, tokenizer, mcfg, max_len=None):
+def to_sample(record, cfg, tokenizer, mcfg, max_len=None, loss_on=None):
     """(Sample, None), or (None, why the record cannot be used). A lone image goes multi-patch (as
-    released) if there is image_newline."""
+    released) if there is image_newline. Its labels follow loss_on, by default --loss-on."""
     # interleave.InputError, which a malformed record raises, is a ValueError
     try:
         sample = interleave.record_to_sample(record, cfg.image_folder, tokenizer, mcfg, max_len,
-                                             anyres=mcfg.has_image_newline)
+                                             anyres=mcfg.has_image_newline,
+                                             loss_on=loss_on or cfg.loss_on)
     except (ValueError, KeyError, IndexError, TypeError, AttributeError, OSError) as e:
         name = record.get("id") if isinstance(record, dict) else record
         return None, f"record {name!r:.80}: {e}"
@@ -845,14 +849,15 @@ def task_of(record):
 @torch.no_grad()
 def evaluate(model, records, cfg, tokenizer, skip, device, step, log):
     """Held-out loss on the replies, and exact match of the greedy answer to the first reply, per
-    metadata.task (task_of). An unusable record goes to skip(why, ("val", its index))."""
+    metadata.task (task_of). The labels follow the replies rule, whatever --loss-on: they mark
+    where the replies are. An unusable record goes to skip(why, ("val", its index))."""
     model.eval()
     stops = [tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")]
     loss_sum = 0.0
     n_tokens = 0
     tasks = {}   # task -> [whether each answer matched]
     for i, record in enumerate(records):
-        sample, why = to_sample(record, cfg, tokenizer, model.config)
+        sample, why = to_sample(record, cfg, tokenizer, model.config, loss_on="replies")
         why = why or unscorable(sample, model.config.text.max_positions)
         if why:
             skip(f"held-out record {i + 1}: {why}", ("val", i))

@@ -28,10 +28,12 @@ HINTS = {
         "LlavaInterleave.embed (one masked_scatter does it).",
     ],
     "ex05_labels": [
-        "Two lists grow together, one segment at a time: the ids of the segment, and for each id its label.",
-        "label = the id if the segment is a reply and the id is not the image slot id, else IGNORE; tokenize each "
-        "segment with interleave.encode_prompt.",
-        "interleave.build_inputs, the loop over the segments.",
+        "Two lists grow together, one segment at a time: the ids of the segment, and for each id its label. Which "
+        "turn is the segment in?",
+        "A segment that starts with <|im_start|> opens a turn: remember whether it is the assistant's. label = the id "
+        "if it is not an image slot and (the turn is the assistant's, or the id is <|im_start|>, <|im_end|> or "
+        "tokenizer.encode('\\n')'s one id), else IGNORE.",
+        "interleave.build_inputs, the loop over the segments, then interleave.unmask_everywhere.",
     ],
     "ex06_anyres": [
         "select_canvas: one loop over the candidates, keeping the best so far. unpad: which way does the image's "

@@ -132,33 +132,71 @@ def splice_column_major(text_embeds, input_ids, image_token_id, features):
 
 # ==== ex05: labels
 
-def labels_on_slots(segments, tokenizer, image_token_id, slots_per_image):
-    """labels the image slots inside a reply: a slot always gets IGNORE (the model cannot predict pixels)."""
-    ids, labels = [], []
+def label_parts(segments, tokenizer, image_token_id, slots_per_image):
+    """What every ex05 mistake starts from: the ids; per token whether it lies in an assistant turn and in a reply
+    segment; and the ids of <|im_start|>, <|im_end|> and the lone newline."""
+    ids, assistant_turn, reply = [], [], []
+    assistant = False
     for text, is_reply in segments:
+        if text.startswith("<|im_start|>"):
+            assistant = text.startswith("<|im_start|>assistant\n")
         piece = interleave.encode_prompt(tokenizer, text, image_token_id, slots_per_image)
         ids += piece
-        labels += piece if is_reply else [IGNORE] * len(piece)
-    return ids, labels
+        assistant_turn += [assistant] * len(piece)
+        reply += [is_reply] * len(piece)
+    everywhere = {tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")}
+    everywhere.update(tokenizer.encode("\n").ids)
+    return ids, assistant_turn, reply, everywhere
+
+
+def labels_on_slots(segments, tokenizer, image_token_id, slots_per_image):
+    """labels the image slots inside a reply: a slot always gets IGNORE (the model cannot predict pixels)."""
+    ids, assistant_turn, _, everywhere = label_parts(segments, tokenizer, image_token_id, slots_per_image)
+    return ids, [t if a or t in everywhere else IGNORE for t, a in zip(ids, assistant_turn)]
 
 
 def labels_shifted(segments, tokenizer, image_token_id, slots_per_image):
     """shifts the labels by one: here the label of position t is the token AT t; the loss shifts them itself."""
-    ids, labels = [], []
-    for text, is_reply in segments:
-        piece = interleave.encode_prompt(tokenizer, text, image_token_id, slots_per_image)
-        ids += piece
-        labels += [t if is_reply and t != image_token_id else IGNORE for t in piece]
+    ids, assistant_turn, _, everywhere = label_parts(segments, tokenizer, image_token_id, slots_per_image)
+    labels = [t if (a or t in everywhere) and t != image_token_id else IGNORE for t, a in zip(ids, assistant_turn)]
     return ids, labels[1:] + [IGNORE]
 
 
 def labels_everywhere(segments, tokenizer, image_token_id, slots_per_image):
-    """labels the prompt too: only the reply segments (is_reply) get labels, IGNORE everywhere else."""
-    ids, labels = [], []
-    for text, _ in segments:
-        piece = interleave.encode_prompt(tokenizer, text, image_token_id, slots_per_image)
-        ids += piece
-        labels += [t if t != image_token_id else IGNORE for t in piece]
+    """labels the system and user turns whole too: there only <|im_start|>, <|im_end|> and lone newlines are."""
+    ids, _, _, _ = label_parts(segments, tokenizer, image_token_id, slots_per_image)
+    return ids, [t if t != image_token_id else IGNORE for t in ids]
+
+
+def labels_replies_only(segments, tokenizer, image_token_id, slots_per_image):
+    """labels the replies only, the rule of train.py --loss-on replies: the release labels each assistant turn whole,
+    then every <|im_start|>, <|im_end|> and lone newline wherever it stands."""
+    ids, _, reply, _ = label_parts(segments, tokenizer, image_token_id, slots_per_image)
+    return ids, [t if r and t != image_token_id else IGNORE for t, r in zip(ids, reply)]
+
+
+def labels_assistant_turns_only(segments, tokenizer, image_token_id, slots_per_image):
+    """labels the assistant turns only: the release then also labels every <|im_start|>, <|im_end|> and lone newline
+    of the system and user turns."""
+    ids, assistant_turn, _, _ = label_parts(segments, tokenizer, image_token_id, slots_per_image)
+    return ids, [t if a and t != image_token_id else IGNORE for t, a in zip(ids, assistant_turn)]
+
+
+def labels_without_header(segments, tokenizer, image_token_id, slots_per_image):
+    """leaves the role name of the assistant's header unlabelled: the release labels the whole assistant turn,
+    "assistant" after <|im_start|> included."""
+    ids, _, reply, everywhere = label_parts(segments, tokenizer, image_token_id, slots_per_image)
+    return ids, [t if (r or t in everywhere) and t != image_token_id else IGNORE for t, r in zip(ids, reply)]
+
+
+def labels_any_newline(segments, tokenizer, image_token_id, slots_per_image):
+    """labels every token that holds a newline ("\\n\\n", ".\\n") in the user turns too: only the lone newline is,
+    the one id that tokenizer.encode("\\n") gives."""
+    ids, assistant_turn, _, everywhere = label_parts(segments, tokenizer, image_token_id, slots_per_image)
+    labels = []
+    for t, a in zip(ids, assistant_turn):
+        newline = "\u010a" in (tokenizer.id_to_token(t) or "")   # byte-level BPE writes a newline as "\u010a"
+        labels.append(t if (a or t in everywhere or newline) and t != image_token_id else IGNORE)
     return ids, labels
 
 
@@ -719,7 +757,8 @@ MISTAKES = {
     "ex02_rotary.apply_rotary": [rotary_neighbours, rotary_backwards, rotary_same_half],
     "ex03_frames.sample_frame_indices": [frames_to_total, frames_rounded, frames_stride, frames_no_endpoint],
     "ex04_splice.splice_images": [splice_per_row, splice_column_major],
-    "ex05_labels.ids_and_labels": [labels_on_slots, labels_shifted, labels_everywhere],
+    "ex05_labels.ids_and_labels": [labels_on_slots, labels_shifted, labels_everywhere, labels_replies_only,
+                                   labels_assistant_turns_only, labels_without_header, labels_any_newline],
     "ex06_anyres.select_canvas": [canvas_last_of_equals, canvas_scale_max, canvas_uncapped],
     "ex06_anyres.unpad": [unpad_rounded, unpad_sides_swapped, unpad_one_side],
     "ex07_packing.pack": [pack_given_order, pack_shortest_first, pack_next_fit, pack_positions_count_on],

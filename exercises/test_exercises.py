@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
 import interleave
 from exercises.check import Hint, answer, attempt, fail, in_parts, same_list, same_tensor
@@ -129,14 +129,21 @@ def test_ex04_splice():
          "raise ValueError when the number of feature vectors is not the number of slots")
 
 
+# Qwen2's pre-tokenizer pattern: a run of newlines is one piece, and so is a full stop with the newlines after it
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
 def small_tokenizer():
-    """A byte-level BPE tokenizer like Qwen2's, trained here in milliseconds (no files needed)."""
+    """A byte-level BPE tokenizer like Qwen2's, trained here in milliseconds (no files needed). It has tokens for
+    "\\n\\n" and ".\\n", which are not lone newlines."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(["You are a helpful assistant. Compare the pictures: what moved, what changed?"] * 10,
-                            trainer)
+    tok.train_from_iterator(["You are a helpful assistant. Compare the pictures: what moved, what changed?"] * 10
+                            + ["Look.\n\nThen, tell me\n\nwhat moved.\n"] * 10, trainer)
     return tok
 
 
@@ -152,9 +159,9 @@ def test_ex05_labels():
     n = random.randint(1, 3)
     turns = [("user", random.choice(["Compare these.", "What changed?"]), [random_image() for _ in range(n)]),
              ("assistant", random.choice(["The circle moved.", "Nothing."])),
-             ("user", "Show me the first one again."),
+             ("user", random.choice(["Show me\n\nthe first one.", "Look.\n\nThen, show me\n\nthe first."])),
              ("assistant", "Here it is: <image> the red one.", [random_image()]),   # an image inside a reply
-             ("user", "Thanks!"), ("assistant", "You are welcome.")]
+             ("user", random.choice(["Thanks\nbye", "Thanks.\nBye"])), ("assistant", "You are welcome.\n\nBye.")]
     want = interleave.build_inputs(turns, tokenizer, config, add_generation_prompt=False)
     segments = interleave.chat_segments(turns, add_generation_prompt=False)
     inputs = (segments, tokenizer, config.image_token_id, config.vision.tokens)
@@ -166,8 +173,9 @@ def test_ex05_labels():
               Hint("ex05_labels.ids_and_labels", "tokenize each segment on its own with interleave.encode_prompt "
                    "and concatenate", got, *inputs))
     same_list("labels", got[1], want.labels.tolist(),
-              Hint("ex05_labels.ids_and_labels", f"the label is the token id in a reply segment, except at an image "
-                   f"slot ({config.image_token_id}); IGNORE ({IGNORE}) everywhere else; no shift", got, *inputs))
+              Hint("ex05_labels.ids_and_labels", f"the label is the token id in an assistant turn (header to "
+                   f"newline) and at every <|im_start|>, <|im_end|> and lone newline, never at an image slot "
+                   f"({config.image_token_id}); IGNORE ({IGNORE}) everywhere else; no shift", got, *inputs))
 
 
 def test_ex16_template():

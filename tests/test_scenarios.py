@@ -203,7 +203,8 @@ def test_video_sources(tmp_path):
 
 def test_multi_image_slots_stand_where_the_markers_are(model, tok):
     images = [noise(60, 40, 1), noise(40, 60, 2)]
-    sample = interleave.build_inputs([("user", "Compare <image> and <image> please", images)], tok, model.config)
+    sample = interleave.build_inputs([("user", "Compare <image> and <image> please", images)], tok, model.config,
+                                     loss_on="replies")
     slot = model.config.image_token_id
     (a, n1), (b, n2) = slot_runs(sample.input_ids.tolist(), slot)
     assert n1 == n2 == 64 and tok.decode(sample.input_ids[a + 64:b].tolist()) == " and "
@@ -229,7 +230,7 @@ def test_video_and_3d_views_go_in_front_without_markers(model, tok, tmp_path):
 def test_labels_cover_replies_and_their_im_end_only(model, tok):
     turns = [("user", "<image> what changed?", [noise(20, 20)]), ("assistant", "the cat"),
              ("user", "sure?"), ("assistant", "yes")]
-    sample = interleave.build_inputs(turns, tok, model.config)
+    sample = interleave.build_inputs(turns, tok, model.config, loss_on="replies")
     labelled = sample.labels != interleave.IGNORE
     assert torch.equal(sample.labels[labelled], sample.input_ids[labelled])
     assert tok.decode(sample.labels[labelled].tolist(), skip_special_tokens=False) == "the cat<|im_end|>yes<|im_end|>"
@@ -241,7 +242,7 @@ def test_record_to_sample_and_truncation(model, tok, tmp_path):
     record = {"id": "r1", "image": ["0.png", "1.png", "2.png"],
               "conversations": [{"from": "human", "value": "<image><image><image>\nWhich one differs?"},
                                 {"from": "gpt", "value": "The second one differs from the others."}]}
-    full = interleave.record_to_sample(record, tmp_path, tok, model.config)
+    full = interleave.record_to_sample(record, tmp_path, tok, model.config, loss_on="replies")
     (start, n), = slot_runs(full.input_ids.tolist(), model.config.image_token_id)
     assert n == 192 and full.pixel_values.shape[0] == 3
     answer_from = int((full.labels != interleave.IGNORE).nonzero()[0])

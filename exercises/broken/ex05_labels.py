@@ -1,4 +1,5 @@
-"""Mistake: the image slots inside a reply get a label, so the loss would ask the model to predict them."""
+"""Mistake: the replies only (train.py --loss-on replies), not the release's rule: the whole assistant turn, and
+every <|im_start|>, <|im_end|> and lone newline wherever it stands."""
 import interleave
 from interleave import IGNORE
 
@@ -8,5 +9,5 @@ def ids_and_labels(segments, tokenizer, image_token_id, slots_per_image):
     for text, is_reply in segments:
         piece = interleave.encode_prompt(tokenizer, text, image_token_id, slots_per_image)
         ids += piece
-        labels += piece if is_reply else [IGNORE] * len(piece)
+        labels += [t if is_reply and t != image_token_id else IGNORE for t in piece]
     return ids, labels
