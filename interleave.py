@@ -394,6 +394,7 @@ class Sample:
     image_sizes: list              # per image: None (plain) or its (w, h) (multi-patch)
     position_ids: torch.Tensor = None   # packed: (T,) restarting at 0 for each sample
     cu_seqlens: torch.Tensor = None     # packed: (n + 1,) int32 sample boundaries 0 .. T
+    first_reply: int = None             # where the first assistant reply starts (None: no reply)
 
 
 def build_inputs(turns, tokenizer, config, system=SYSTEM_PROMPT, anyres=False,
@@ -426,11 +427,14 @@ def build_inputs(turns, tokenizer, config, system=SYSTEM_PROMPT, anyres=False,
     roles = ["system"] + [turn[0] for turn in turns for _ in range(3)] + ["assistant"]
     ids = []
     labels = []
+    first_reply = None
     unplaced = slots   # the slot counts of the images not yet placed
     for (text, is_reply), role in zip(segments, roles):
         n_images = text.count(IMAGE_MARKER)
         piece = encode_prompt(tokenizer, text, config.image_token_id, unplaced[:n_images])
         unplaced = unplaced[n_images:]
+        if is_reply and first_reply is None:
+            first_reply = len(ids)
         ids += piece
         # replies: a reply and its <|im_end|>; release: the whole assistant turn, header to newline
         labelled = is_reply if loss_on == "replies" else role == "assistant"
@@ -445,7 +449,8 @@ def build_inputs(turns, tokenizer, config, system=SYSTEM_PROMPT, anyres=False,
     # ---- the pixels, decoded only now
     pixels = [preprocess(image, config, anyres) for image in images]
     pixel_values = torch.cat(pixels) if pixels else None
-    return Sample(torch.tensor(ids), torch.tensor(labels), pixel_values, sizes)
+    return Sample(torch.tensor(ids), torch.tensor(labels), pixel_values, sizes,
+                  first_reply=first_reply)
 
 
 ROLES = {"human": "user", "gpt": "assistant"}   # a record's speakers -> our role names
@@ -557,14 +562,17 @@ def record_to_sample(record, image_folder, tokenizer, config, max_len=None, num_
 
 def truncate(sample, max_len, config):
     """Cut a sample to max_len tokens in its text only: a cut inside an image's slots moves back to
-    before that image, and the images past the cut go with it. A sample with no label left raises
-    InputError (by the release's rule the system turn always keeps some: its <|im_end|>, say)."""
+    before that image, and the images past the cut go with it. A sample cut before its first reply
+    raises InputError: it would teach nothing of an answer (by the release's rule its system and
+    user turns still hold labels, the template's tokens, which alone would hide a --budget too
+    small)."""
     ids = sample.input_ids
     cut = min(max_len, len(ids))
     slot = (ids == config.image_token_id).tolist() + [False]
     while cut > 0 and slot[cut] and slot[cut - 1]:
         cut -= 1
-    if not (sample.labels[:cut] != IGNORE).any():
+    no_reply = sample.first_reply is None or cut <= sample.first_reply
+    if no_reply or not (sample.labels[:cut] != IGNORE).any():
         raise InputError(f"sample of {len(ids)} tokens has no answer left within max_len {max_len}")
     # The images whose slots lie before the cut, and their views.
     kept_slots = sum(slot[:cut])
@@ -574,7 +582,8 @@ def truncate(sample, max_len, config):
         n_images += 1
     n_views = sum(image_views(config, size) for size in sample.image_sizes[:n_images])
     pixel_values = sample.pixel_values[:n_views] if n_images else None
-    return Sample(ids[:cut], sample.labels[:cut], pixel_values, sample.image_sizes[:n_images])
+    return Sample(ids[:cut], sample.labels[:cut], pixel_values, sample.image_sizes[:n_images],
+                  first_reply=sample.first_reply)
 
 
 def pack_samples(samples, budget, verbose=True):

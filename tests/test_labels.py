@@ -262,3 +262,18 @@ def test_train_passes_its_option_to_the_records(qwen, folder):
     held_out, why = train.to_sample(record, cfg, qwen, config, loss_on="replies")
     assert why is None
     assert held_out.labels.tolist() == replies_rule(record, qwen, config.vision.tokens)[1]
+
+
+@pytest.mark.parametrize("loss_on", ["release", "replies"])
+def test_a_sample_cut_before_its_first_reply_is_refused_by_either_rule(qwen, folder, loss_on):
+    # By the release's rule the system and user turns hold labels too (the template's tokens); a
+    # sample cut before its reply would still train, on those alone, and hide a --budget too small.
+    record = RECORDS["text_only"]
+    whole = interleave.record_to_sample(record, str(folder), qwen, qwen_config(), loss_on=loss_on)
+    prompt = interleave.record_to_sample(record, str(folder), qwen, qwen_config(), loss_on="replies")
+    first_reply = int((prompt.labels != interleave.IGNORE).nonzero()[0])
+    kept = interleave.record_to_sample(record, str(folder), qwen, qwen_config(), max_len=first_reply + 1,
+                                       loss_on=loss_on)
+    assert kept.labels.tolist() == whole.labels[:first_reply + 1].tolist()
+    with pytest.raises(interleave.InputError, match="no answer left within max_len"):
+        interleave.record_to_sample(record, str(folder), qwen, qwen_config(), max_len=first_reply, loss_on=loss_on)
