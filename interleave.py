@@ -14,10 +14,18 @@ slots in the stream. The file reads in that order:
 Facts about the released checkpoints (shapes, key names, traps) are in docs/MODEL.md; the comments
 cite its sections (§).
 """
+import contextlib
+import http.client
+import io
 import json
 import math
 import os
 import re
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,10 +108,63 @@ MULTIPATCH_NEEDS_NEWLINE = ("multi-patch (anyres) needs the `image_newline` vect
                             "plain image")
 
 
-def read_image_file(source):
-    """Image.open + load, with every way a file can fail turned into one clear InputError."""
+URL_TIMEOUT = 30                 # seconds for a whole download (an image or a video by URL)
+IMAGE_URL_MAX_BYTES = 64 << 20   # an image by URL: at most 64 MiB, held in memory
+VIDEO_URL_MAX_BYTES = 4 << 30    # a video by URL: at most 4 GiB, written to a temporary file
+
+
+def is_url(source):
+    """An http(s) address rather than a file path."""
+    return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
+
+
+def fetch_url(url, out, max_bytes):
+    """Write what url serves into the file object out, with the standard library. Redirects are
+    followed (urllib stops at 10); an HTTP error, no connection, a download that takes more than
+    URL_TIMEOUT seconds or a body over max_bytes is one InputError."""
+    deadline = time.monotonic() + URL_TIMEOUT
+    too_large = f"{url} is larger than {max_bytes >> 20} MiB; download it and give the file"
+    timed_out = (f"{url} did not arrive within {URL_TIMEOUT} s; "
+                 "check the address, or download it and give the file")
+    request = urllib.request.Request(url, headers={"User-Agent": "interleave"})
     try:
-        image = Image.open(source)
+        with urllib.request.urlopen(request, timeout=URL_TIMEOUT) as response:
+            length = response.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > max_bytes:
+                raise InputError(too_large)
+            received = 0
+            # read1: one network read at a time, so the deadline stops a server that trickles too
+            while chunk := response.read1(1 << 16):
+                received += len(chunk)
+                if received > max_bytes:
+                    raise InputError(too_large)
+                if time.monotonic() > deadline:
+                    raise InputError(timed_out)
+                out.write(chunk)
+    except urllib.error.HTTPError as e:   # before URLError, its parent
+        raise InputError(f"{url} answered HTTP {e.code} {e.reason}; check the address") from None
+    except TimeoutError:
+        raise InputError(timed_out) from None
+    except urllib.error.URLError as e:   # refused, no route, unknown host; or a connect timeout
+        if isinstance(e.reason, TimeoutError):
+            raise InputError(timed_out) from None
+        raise InputError(f"cannot fetch {url} ({e.reason}); "
+                         "check the address and the network") from None
+    except (OSError, http.client.HTTPException) as e:   # a connection dropped mid-body
+        raise InputError(f"fetching {url} failed ({e!r}); try again, "
+                         "or download it and give the file") from None
+
+
+def read_image_file(source):
+    """Image.open + load of a path or an http(s) URL, with every way it can fail turned into one
+    clear InputError."""
+    opened = source
+    if is_url(source):
+        opened = io.BytesIO()
+        fetch_url(source, opened, IMAGE_URL_MAX_BYTES)
+        opened.seek(0)
+    try:
+        image = Image.open(opened)
         image.load()
         return image
     except FileNotFoundError:
@@ -116,7 +177,8 @@ def read_image_file(source):
 
 
 def open_image(source):
-    """A path or PIL image, in any mode -> RGB PIL image, upright (EXIF orientation applied)."""
+    """A path, an http(s) URL or a PIL image, in any mode -> RGB PIL image, upright (EXIF
+    orientation applied)."""
     image = source if isinstance(source, Image.Image) else read_image_file(source)
     if image.width < 1 or image.height < 1:
         raise InputError(f"image {getattr(image, 'filename', '')} has zero size {image.size}")
@@ -230,6 +292,7 @@ def preprocess(image, config, anyres=False):
 
 
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi")   # decoded by PyAV (FFmpeg)
 
 
 def sample_frame_indices(total, num_frames):
@@ -245,19 +308,35 @@ def natural_sort_key(name):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+def check_frame_budget(where, frames, max_frames):
+    """Refuse a video that gives more frames than fit in the model's context (max_frames)."""
+    if max_frames is not None and frames > max_frames:
+        raise InputError(f"{where} gives {frames} frames, more than the {max_frames} that fit "
+                         "in the model's context; ask for fewer frames")
+
+
+def is_video_file(source):
+    """A path or URL whose name ends like a video container (MP4, MOV, WebM, MKV, AVI)."""
+    name = urllib.parse.urlsplit(source).path if is_url(source) else os.fspath(source)
+    return name.lower().endswith(VIDEO_EXTENSIONS)
+
+
 def read_video_frames(source, num_frames=16, max_frames=None):
-    """num_frames frames sampled uniformly from a folder of frames (natural name order), an
-    animated GIF, WebP or PNG, or a list of images or paths. Each frame is one <image> of 729
+    """num_frames frames sampled uniformly from a video file (MP4, MOV, WebM, MKV, AVI, decoded
+    with PyAV), an animated GIF, WebP or PNG, a folder of frames (natural name order), an http(s)
+    URL of any of these files, or a list of images or paths. Each frame is one <image> of 729
     slots; none is pooled. max_frames (the frames that fit in the model's context): a video that
     gives more is refused before any frame is decoded."""
     whole = isinstance(num_frames, (int, np.integer)) and not isinstance(num_frames, bool)
     if not whole or num_frames < 1:
         raise InputError(f"num_frames must be a whole number of at least 1, not {shown(num_frames)}")
+    if not isinstance(source, (list, tuple)) and is_video_file(source):
+        return read_video_file(source, num_frames, max_frames)
     # ---- which frames: file names or frame numbers, nothing decoded yet
     video = None
     if isinstance(source, (list, tuple)):
         frames = list(source)
-    elif os.path.isdir(source):
+    elif not is_url(source) and os.path.isdir(source):
         names = sorted(os.listdir(source), key=natural_sort_key)
         frames = [os.path.join(source, name) for name in names
                   if name.lower().endswith(FRAME_EXTENSIONS)]
@@ -269,10 +348,8 @@ def read_video_frames(source, num_frames=16, max_frames=None):
         raise InputError(f"no video frames in {source}: "
                          f"expected image files ({', '.join(FRAME_EXTENSIONS)})")
     chosen = [frames[i] for i in sample_frame_indices(len(frames), num_frames)]
-    if max_frames is not None and len(chosen) > max_frames:
-        where = "the video" if isinstance(source, (list, tuple)) else str(source)
-        raise InputError(f"{where} gives {len(chosen)} frames, more than the {max_frames} that fit "
-                         "in the model's context; ask for fewer frames")
+    where = "the video" if isinstance(source, (list, tuple)) else str(source)
+    check_frame_budget(where, len(chosen), max_frames)
     # ---- decode the chosen frames
     if video is None:
         return [open_image(frame) for frame in chosen]
@@ -285,6 +362,122 @@ def read_video_frames(source, num_frames=16, max_frames=None):
             raise InputError(f"cannot read frame {index} of {source} ({e}); "
                              "is it a complete file?") from None
     return decoded
+
+
+def read_video_file(source, num_frames, max_frames):
+    """read_video_frames for a video container, path or URL (a URL is first downloaded to a
+    temporary file). The frame count comes from the header, or where the container has none
+    (WebM, MKV) from a first pass that decodes without keeping anything; then the chosen frames
+    are decoded, in order, up to the last one. Only the chosen frames are ever kept."""
+    if is_url(source):
+        suffix = os.path.splitext(urllib.parse.urlsplit(source).path)[1]
+        with tempfile.NamedTemporaryFile(suffix=suffix) as file:
+            fetch_url(source, file, VIDEO_URL_MAX_BYTES)
+            file.flush()
+            return read_video_file_as(file.name, source, num_frames, max_frames)
+    return read_video_file_as(os.fspath(source), os.fspath(source), num_frames, max_frames)
+
+
+def read_video_file_as(path, name, num_frames, max_frames):
+    """read_video_file for the file at path; messages call it name (its URL, or the path)."""
+    container, stream = open_video(path, name)
+    with container:
+        total = stream.frames   # the header's count; 0 where the container does not say
+    if total == 0:
+        total = decode_video(path, name, keep=()).decoded
+    if total == 0:
+        raise InputError(f"{name} has a video stream without any frame; give another video")
+    chosen = sample_frame_indices(total, num_frames)
+    check_frame_budget(name, len(chosen), max_frames)
+    video = decode_video(path, name, keep=chosen)
+    if len(video.frames) < len(chosen):
+        raise InputError(f"{name} ends after {video.decoded} frames though its header says "
+                         f"{total}; is the file truncated?")
+    return video.frames
+
+
+def import_av():
+    """PyAV (`pip install av`), imported where a video file needs it."""
+    try:
+        import av
+    except ImportError:
+        raise InputError("reading video files needs PyAV: pip install av") from None
+    return av
+
+
+def open_video(path, name):
+    """(container, its first video stream), opened with PyAV; InputError for a file that is not
+    a video this machine can decode."""
+    av = import_av()
+    try:
+        container = av.open(path)
+    except FileNotFoundError:   # PyAV's own FileNotFoundError is this one's subclass
+        raise InputError(f"{name} does not exist") from None
+    except (av.error.FFmpegError, OSError) as e:
+        raise InputError(f"cannot read {name} as a video ({e.strerror or e}); "
+                         "is it a complete video file?") from None
+    if not container.streams.video:
+        kinds = ", ".join(stream.type for stream in container.streams) or "none"
+        container.close()
+        raise InputError(f"{name} has no video stream (its streams: {kinds}); "
+                         "give a file with a video in it")
+    stream = container.streams.video[0]
+    if stream.codec_context is None:   # FFmpeg knows no decoder for this codec
+        container.close()
+        raise InputError(f"{name}: its video codec cannot be decoded by this build of PyAV; "
+                         "convert the file to H.264 MP4 (ffmpeg -i IN -c:v libx264 OUT.mp4)")
+    stream.thread_type = "AUTO"   # decode on every core
+    return container, stream
+
+
+@contextlib.contextmanager
+def ffmpeg_errors(av):
+    """The list of error messages FFmpeg logs meanwhile, from every thread, repeats included
+    (PyAV drops repeats by default); PyAV's log settings are put back after."""
+    level = av.logging.get_level()
+    skip_repeated = av.logging.get_skip_repeated()
+    av.logging.set_level(av.logging.ERROR)
+    av.logging.set_skip_repeated(False)
+    try:
+        with av.logging.Capture(local=False) as log:
+            yield log
+    finally:
+        av.logging.set_level(level)
+        av.logging.set_skip_repeated(skip_repeated)
+
+
+@dataclass
+class DecodedVideo:
+    frames: list    # the kept frames, RGB PIL images, in order
+    decoded: int    # how many frames were decoded in all
+
+
+def decode_video(path, name, keep):
+    """Decode the first video stream from its start. Frames whose index (0, 1, ... in display
+    order) is in keep become RGB PIL images; the others are dropped as soon as they are decoded,
+    and decoding stops after the last index in keep (keep=(): all are decoded, none kept: a
+    count). A truncated or corrupt file is one InputError."""
+    av = import_av()
+    wanted = set(keep)
+    last = max(wanted, default=None)
+    video = DecodedVideo(frames=[], decoded=0)
+    container, stream = open_video(path, name)
+    # FFmpeg reports a Matroska/WebM file cut short only in its log
+    try:
+        with container, ffmpeg_errors(av) as log:
+            for index, frame in enumerate(container.decode(stream)):
+                video.decoded = index + 1
+                if index in wanted:
+                    video.frames.append(frame.to_image())
+                if index == last:
+                    break
+    except av.error.FFmpegError as e:
+        raise InputError(f"cannot decode frame {video.decoded} of {name} ({e.strerror or e}); "
+                         "is the file complete?") from None
+    if any("ended prematurely" in message for _, _, message in log):
+        raise InputError(f"{name} ends early, after {video.decoded} frames: "
+                         "the file is truncated; give a complete file")
+    return video
 
 
 # ==== 3. Text (§3, §5): tokenizer, ChatML template, conversations -> model inputs, training samples, packing
@@ -1651,6 +1844,53 @@ def check_checkpoint_keys(path, config, stored, expected):
     raise CheckpointError("\n".join(lines))
 
 
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")   # org/name
+# What a checkpoint needs from a hub repository, and nothing else (no .bin weights, no README).
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+             "generation_config.json"]
+
+
+def checkpoint_folder(path):
+    """The local folder of a checkpoint given as a folder or as a hub id (org/name). A folder that
+    exists always wins; an id is looked up in the Hugging Face cache, and downloaded into it when
+    missing (huggingface_hub's snapshot_download: HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE apply)."""
+    path = os.fspath(path)
+    if os.path.exists(path) or not HUB_ID.fullmatch(path):
+        return path
+    return download_checkpoint(path)
+
+
+def download_checkpoint(repo_id):
+    """snapshot_download of the files in HUB_FILES; each way it can fail is one CheckpointError."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                       RepositoryNotFoundError)
+    endpoint = constants.ENDPOINT
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+    except GatedRepoError:   # before RepositoryNotFoundError, its parent
+        raise CheckpointError(f"{repo_id} on {endpoint} is gated: accept its terms on its page, "
+                              "then set HF_TOKEN to a token of that account") from None
+    except RepositoryNotFoundError:   # the hub answers so for a private repo too
+        raise CheckpointError(f"{repo_id} is neither a local folder nor a model on {endpoint}; "
+                              "check the path or the id (a private model also needs HF_TOKEN)"
+                              ) from None
+    except LocalEntryNotFoundError:   # offline or unreachable, and not (all) in the cache
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{endpoint} is unreachable"
+        raise CheckpointError(
+            f"{repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}: "
+            "download it with network access (HF_ENDPOINT names a mirror, HF_HUB_OFFLINE must be "
+            "unset), or give the path of a local checkpoint folder instead") from None
+    except HfHubHTTPError as e:
+        raise CheckpointError(f"{endpoint} answered {e.response.status_code} for {repo_id}; "
+                              "try again later") from None
+    except Exception as e:   # a connection dropped mid-file, a full disk, ...
+        # (the HTTP library under huggingface_hub, and so its error classes, differ by version)
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"downloading {repo_id} from {endpoint} stopped "
+                              f"({type(e).__name__}: {why}); run again to resume") from None
+
+
 def load(path, device=None, dtype=None, attn=None):
     """Build the model for a checkpoint folder (or hub id) in either release layout and load its
     weights.
@@ -1661,9 +1901,7 @@ def load(path, device=None, dtype=None, attn=None):
     the memory-mapped file: one copy, paged in lazily.
     """
     # ---- the files: config.json and every tensor, under our key
-    # A hub id (org/name) that is not a local folder: the local Hugging Face cache, else a download.
-    import hub
-    path = hub.local_path(path)
+    path = checkpoint_folder(path)
     config = read_config(path)
     stored = {our_key(k): t for k, t in read_checkpoint_tensors(path).items()}
     # ---- what config.json does not say, from the tensors, and what it must agree with

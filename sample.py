@@ -4,15 +4,17 @@
   python sample.py --viz out.png       # the demo, drawing where each answer looked (out-video.png, ...)
   python sample.py --model llava-hf/llava-interleave-qwen-0.5b-hf \\
       --image a.jpg --image b.png "Compare <image> <image>"
-  python sample.py --model PATH --video clip.gif --num-frames 16 "What happens in this video?"
+  python sample.py --model PATH --video clip.mp4 --num-frames 16 "What happens in this video?"
   python sample.py --model PATH --views v1.png v2.png v3.png "How many chairs are in the room?"
   python sample.py --model lmms-lab/llava-next-interleave-qwen-0.5b \\
       --image photo.jpg --anyres "What does it say?"
 
-Images go to the model in the order --image, --video frames, --views. Without a prompt, a terminal
-on stdin starts a chat (the images stay in the conversation); otherwise stdin is the prompt. The
-answer streams to stdout, statistics go to stderr (--quiet silences them). Bad input gives one line
-on stderr and exit status 2.
+--model is a checkpoint folder or a hub id (org/name): an id is read from the Hugging Face cache, or
+downloaded into it by huggingface_hub (offline, the cache must hold it); a folder of that name wins.
+--image and --video also take http(s) URLs. Images go to the model in the order --image, --video
+frames, --views. Without a prompt, a terminal on stdin starts a chat (the images stay in the
+conversation); otherwise stdin is the prompt. The answer streams to stdout, statistics go to stderr
+(--quiet silences them). Bad input gives one line on stderr and exit status 2.
 """
 import argparse
 import contextlib
@@ -29,7 +31,6 @@ import time
 import torch
 from PIL import Image, ImageDraw
 
-import hub
 import interleave
 
 EMBEDDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "m4-tiny")   # made by train.py
@@ -61,9 +62,11 @@ def parse_args(argv):
     p.add_argument("--model", help="a checkpoint folder or a hub id (default: the embedded tiny model)")
     p.add_argument("--demo", action="store_true",
                    help="one question per scenario (the default without arguments)")
-    p.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
+    p.add_argument("--image", action="append", default=[],
+                   help="an image file or http(s) URL; repeat for several")
     p.add_argument("--video",
-                   help="an animated GIF/WebP/PNG or a folder of frames; each frame is one image")
+                   help="a video (MP4, MOV, WebM, MKV, AVI), an animated GIF/WebP/PNG, a folder of "
+                        "frames, or the http(s) URL of a file; each sampled frame is one image")
     p.add_argument("--num-frames", type=int, default=16, help="frames sampled uniformly from the video (16)")
     p.add_argument("--views", nargs="+", default=[], help="the views of a 3D scene")
     p.add_argument("--anyres", action="store_true", help="multi-patch: cut the one image into tiles (more detail)")
@@ -572,7 +575,7 @@ def run(args, log):
 
     # ---- the model, its tokenizer and its generation settings
     start = time.perf_counter()
-    path = hub.local_path(args.model or EMBEDDED)
+    path = interleave.checkpoint_folder(args.model or EMBEDDED)
     settings, stops = generation_settings(args, path, log)
     model = interleave.load(path, device=device, dtype=dtype, attn=args.attn)
     tokenizer = interleave.load_tokenizer(path)
