@@ -1,6 +1,6 @@
 """Exercise 14 (easy): the training loss: shift the labels by one, keep only the labelled positions (docs/MODEL.md §5).
 
-Read first: interleave.build_inputs (labels are NOT shifted there: IGNORE outside the replies), the training step in
+Read first: interleave.build_inputs (labels are NOT shifted there: IGNORE where there is no loss), the training step in
 train.py's train (the caller of the loss: it divides by the labelled tokens of the whole step) and
 LlavaInterleave.forward (hidden states and the head). Check: python -m pytest exercises -k loss
 """
