@@ -307,6 +307,9 @@ def main(argv=None):
              f"{'mutant':42} {'file':13} {'result':8} {'seconds':>7}  caught by"]
     for m, result, outcome in rows:
         lines.append(f"{m.name:42} {m.file:13} {result:8} {outcome.seconds:7.0f}  {short(outcome.caught_by)}")
+    lines += ["", "the mutants: in FILE, OLD -> NEW"]
+    for m, _, _ in rows:
+        lines.append(f"{m.name}: in {m.file}, {m.old.splitlines()[-1].strip()}  ->  {m.new.splitlines()[-1].strip()}")
     text = "\n".join(lines) + "\n"
     print("\n" + text, end="")
     if write:
