@@ -215,3 +215,26 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monke
     assert not [name for name in os.listdir(tmp_path) if name.startswith(("step-000003", ".step"))]
     assert (tmp_path / "step-000002" / "model.safetensors").read_bytes() == good
     interleave.load(tmp_path / "latest")
+
+
+def test_every_step_of_a_short_run_uses_the_learning_rate_computed_by_hand(data, tmp_path, monkeypatch):
+    """The rate each optimizer step really took (issue 21): warmup 1/2 and 2/2 of --lr, then the cosine
+    0.1 + 0.45 (1 + cos(pi p)) of it at p = 0, 1/3, 2/3 (cos(pi/3) = 0.5). Both parameter groups alike."""
+    rates = []
+    make_optimizer = train.make_optimizer
+
+    def recording_optimizer(params, cfg, cuda):
+        optimizer = make_optimizer(params, cfg, cuda)
+        step = optimizer.step
+
+        def recording_step(*args, **kwargs):
+            rates.append([group["lr"] for group in optimizer.param_groups])
+            return step(*args, **kwargs)
+        optimizer.step = recording_step
+        return optimizer
+    monkeypatch.setattr(train, "make_optimizer", recording_optimizer)
+    train.main(["--init", "tiny", "--data", str(data / "train.json"), "--out", str(tmp_path / "run"), "--steps", "5",
+                "--batch", "2", "--lr", "1e-3", "--warmup", "2", "--eval-every", "0", "--save-every", "0"])
+    by_hand = [0.5e-3, 1e-3, 1e-3, 0.775e-3, 0.325e-3]
+    assert [group for group, _ in rates] == pytest.approx(by_hand, rel=1e-9)
+    assert all(a == b for a, b in rates)
