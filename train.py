@@ -554,7 +554,8 @@ def resume(cfg, optimizer, device, cuda):
 
 def get_lr(step, cfg):
     """The learning rate of the optimizer step after `step` steps: a linear warmup to --lr over
-    --warmup steps, then a cosine down to a tenth of --lr at the last step."""
+    --warmup steps, then a cosine that reaches a tenth of --lr at step --steps (so the last step
+    that runs, --steps - 1, is just above it)."""
     # 1) linear warmup: the warmup's last step reaches --lr
     if step < cfg.warmup:
         return cfg.lr * ((step + 1) / cfg.warmup)
