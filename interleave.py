@@ -883,19 +883,24 @@ def attention(q, k, v, causal, impl, scale=None, cu_seqlens=None):
     if impl == "triton":
         # The hand-written flash attention. It takes the packed layout: all tokens in one
         # sequence, with the boundaries of the segments in cu_seqlens.
+        # No call reads a tensor from the GPU: packed samples need no maximum length, and batch
+        # rows pass theirs, known here.
         import kernels
         cu_q = cu_k = None   # one sequence
+        longest = {}
         if cu_seqlens is not None:
             cu_q = cu_k = cu_seqlens.to(torch.int32)
         elif b > 1:   # each batch row becomes one segment of the packed layout
             cu_q = torch.arange(0, (b + 1) * tq, tq, dtype=torch.int32, device=q.device)
             cu_k = torch.arange(0, (b + 1) * tk, tk, dtype=torch.int32, device=q.device)
+            longest = dict(max_seqlen_q=tq, max_seqlen_k=tk)
         hkv = k.shape[1]
         packed_q = q.transpose(1, 2).reshape(b * tq, h, d)     # (B*Tq, H, D)
         packed_k = k.transpose(1, 2).reshape(b * tk, hkv, d)   # (B*Tk, Hkv, D)
         packed_v = v.transpose(1, 2).reshape(b * tk, hkv, d)   # (B*Tk, Hkv, D)
         out = kernels.attention(packed_q, packed_k, packed_v, causal=causal,
-                                cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, scale=scale)   # (B*Tq, H, D)
+                                cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, scale=scale,
+                                **longest)                     # (B*Tq, H, D)
         return out.view(b, tq, h, d).transpose(1, 2)           # (B, H, Tq, D)
     raise ValueError(f"unknown attention implementation {impl!r}: use one of {ATTENTION_IMPLS}")
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything this project checks and measures on a GPU, in one call (device time is scarce; see README, Measurements):
 #   bash benchmarks/gpu_session.sh [OUTDIR [PART ...]]   # PART: kernels model train sample (the default), profile
-# 1. the kernel's self-check and TFLOP/s table (python kernels.py), 2. the model against the golden values on CUDA
-# (benchmarks/gpu_checks.py), 3. training tokens/s and MFU of the 0.5B-shaped model with packing (train.py), 4. decode
+# 1. the kernel's self-check (python kernels.py) and timings (benchmarks/attention.py), 2. the model against the
+# golden values on CUDA (benchmarks/gpu_checks.py), 3. training tokens/s and MFU of the 0.5B-shaped model with packing (train.py), 4. decode
 # against transformers (benchmarks/sample_vs_reference.py);
 # profile (by name): where the time of the `train` part's steps goes (benchmarks/profile_train.py, GPU busy share).
 # Each part has its own time limit, so one that hangs does not cost the others; each writes OUTDIR/<part>.txt.
@@ -26,7 +26,7 @@ part() {   # part NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   $py -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
   'transformers', transformers.__version__)"; } 2>&1 | tee "$out/env.txt"
-part kernels 240 $py kernels.py   # 191 s on an H200, most of it compiling and autotuning
+part kernels 480 bash -c "$py kernels.py && $py benchmarks/attention.py"   # meant to fit 8 min; not yet run
 part model 100 $py benchmarks/gpu_checks.py
 part train 170 bash -c "$py data/make_m4.py --out /tmp/m4 --train 300 --val 1 --seed 0 && $py train.py \
   --init 0.5b-random --data /tmp/m4/train.json --out /tmp/train-bench --steps 30 --batch 64 --budget 16384 \
