@@ -2,8 +2,8 @@
 # Everything this project checks and measures on a GPU, in one call (device time is scarce; see README, Measurements):
 #   bash benchmarks/gpu_session.sh [OUTDIR [PART ...]]   # PART: kernels model train sample (the default), profile
 # 1. the kernel's self-check (python kernels.py) and timings (benchmarks/attention.py), 2. the model against the
-# golden values on CUDA (benchmarks/gpu_checks.py), 3. training tokens/s and MFU of the 0.5B-shaped model with packing (train.py), 4. decode
-# against transformers (benchmarks/sample_vs_reference.py);
+# golden values on CUDA (benchmarks/gpu_checks.py), 3. training tokens/s and MFU of the 0.5B-shaped model with
+# packing (train.py), 4. decode against transformers (benchmarks/sample_vs_reference.py);
 # profile (by name): where the time of the `train` part's steps goes (benchmarks/profile_train.py, GPU busy share).
 # Each part has its own time limit, so one that hangs does not cost the others; each writes OUTDIR/<part>.txt.
 set -u
