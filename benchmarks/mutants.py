@@ -151,7 +151,7 @@ MUTANTS = [
            "scale = q.shape[1] ** -0.5 if scale is None else float(scale)",
            [KERNEL_DTYPES]),
     Mutant("kernel-dq-unscaled", "kernels.py",
-           "offs_d, dq * sm_scale, HEAD_DIM)", "offs_d, dq, HEAD_DIM)", [KERNEL_DTYPES]),
+           'dq = (dq_acc * ctx.sizes["sm_scale"]).to(q.dtype)', "dq = dq_acc.to(q.dtype)", [KERNEL_DTYPES]),
     # ---- train.py: the schedule and the loss
     Mutant("warmup-off-by-one", "train.py",
            "return cfg.lr * ((step + 1) / cfg.warmup)", "return cfg.lr * (step / cfg.warmup)", [LR, RUN_LR]),
