@@ -713,22 +713,27 @@ def _plain(q, k, v, causal=False, cu_q=None, cu_k=None, scale=None):
 
 def _self_check(device):
     """Forward and gradients against float64 plain attention on small packed/causal/GQA cases."""
-    # lengths of the q samples, of the k samples, heads, K/V heads, D, causal, dtype, tolerance
+    # lengths of the q samples, of the k samples, heads, K/V heads, D, causal, dtype, tolerance,
+    # and attention's options: both backward paths, grids with and without the longest lengths
     cases = [
-        ([37], [37], 4, 4, 64, True, torch.float32, 1e-5),
-        ([5, 1, 40], [5, 1, 40], 6, 2, 72, False, torch.bfloat16, 1e-2),
-        ([3, 20], [30, 20], 7, 1, 128, True, torch.float16, 1e-3),
+        ([37], [37], 4, 4, 64, True, torch.float32, 1e-5, dict(deterministic=True)),
+        ([5, 1, 40], [5, 1, 40], 6, 2, 72, False, torch.bfloat16, 1e-2, dict()),
+        ([3, 20], [30, 20], 7, 1, 128, True, torch.float16, 1e-3, dict(max_seqlen_q=20, max_seqlen_k=30)),
     ]
-    for lq, lk, h, h_kv, d, causal, dtype, tol in cases:
+    for lq, lk, h, h_kv, d, causal, dtype, tol, options in cases:
         cu_q = torch.tensor([0] + lq, device=device).cumsum(0).int()
         cu_k = torch.tensor([0] + lk, device=device).cumsum(0).int()
         q = torch.randn(sum(lq), h, d, device=device, dtype=dtype)
         k = torch.randn(sum(lk), h_kv, d, device=device, dtype=dtype)
         v = torch.randn(sum(lk), h_kv, d, device=device, dtype=dtype)
         grad = torch.randn(sum(lq), h, d, device=device, dtype=dtype)
+        def kernel(*args, options=options):
+            """attention with this case's options."""
+            return attention(*args, **options)
+
         # The kernel, then the reference in float64, each on its own leaf copies of q, k, v.
         runs = [
-            (attention, [t.clone().requires_grad_() for t in (q, k, v)]),
+            (kernel, [t.clone().requires_grad_() for t in (q, k, v)]),
             (_plain, [t.double().requires_grad_() for t in (q, k, v)]),
         ]
         outs = []  # per run: [out, dq, dk, dv]
@@ -738,7 +743,7 @@ def _self_check(device):
             outs.append([out.detach()] + [t.grad for t in x])
         errs = [((a.double() - b).norm() / b.norm()).item() for a, b in zip(*outs)]
         print(f"self-check {str(dtype)[6:]:8} D={d:3} causal={causal!s:5} rel. err out/dq/dk/dv: "
-              + " ".join(f"{e:.1e}" for e in errs))
+              + " ".join(f"{e:.1e}" for e in errs) + f"  {options}")
         if not all(e <= tol for e in errs):  # NaN fails too
             raise SystemExit(f"self-check FAILED: error above {tol}")
 
