@@ -611,7 +611,7 @@ class _FlashAttention(torch.autograd.Function):
 
 def _on_host(t):
     """Whether reading t's values is free (CPU memory). Offsets on a GPU are never read here: that
-    would wait for the GPU; check them where you build them (interleave.pack_samples does)."""
+    would wait for the GPU; check them where you build them, on the host."""
     return t.device.type == "cpu"
 
 
