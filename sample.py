@@ -694,7 +694,8 @@ def rouge_l(prediction, reference):
     distinct words, since the package keeps its words in sets. The hits are the distinct words of
     the traced LCS of every (reference sentence, prediction sentence) pair; precision and recall
     divide them by the prediction's and the reference's distinct words. 0 when either side has no
-    sentence (the package raises ValueError there)."""
+    sentence: the release scores an empty text 0, and the package raises ValueError on a text of
+    periods alone (which would stop the release's scorer)."""
     predicted = sentence_words(prediction)
     referenced = sentence_words(reference)
     if not predicted or not referenced:
@@ -720,14 +721,13 @@ def dataset_kind(dataset, question_type):
 
 
 def score_answer(kind, prediction, reference):
-    """One answer's score by the release's rules, on the normalised texts: ROUGE-L F (0 for an
-    empty prediction or reference; the prediction cut to 512 characters), or exact match."""
+    """One answer's score by the release's rules, on the normalised texts: exact match after
+    choice_letter, or ROUGE-L F with the prediction cut to 512 characters (an empty prediction or
+    reference has no sentence: 0, as the release scores it)."""
     prediction = normalise(prediction)
     reference = normalise(reference)
     if kind == "multi-choice":
         return float(choice_letter(prediction) == reference)
-    if not prediction or not reference:
-        return 0.0
     return rouge_l(prediction[:PREDICTION_CHARS], reference)
 
 
