@@ -796,33 +796,35 @@ def score_answers(lines):
 
 
 def paper_numbers(lines):
-    """The paper's numbers for the release that wrote the answers (their one model_id names it),
-    or {} when the paper has none for it."""
+    """(release, the paper's numbers for it) for the release that wrote the answers (their one
+    model_id names it), or (None, {}) when the paper has none for it."""
     model_ids = {str(line.get("model_id", "")).lower() for line in lines}
     if len(model_ids) != 1:
-        return {}
+        return None, {}
     model_id = model_ids.pop()
     for release, numbers in PAPER.items():
         if release in model_id:
-            return numbers
-    return {}
+            return release, numbers
+    return None, {}
 
 
-def bench_table(datasets, categories, paper, lines):
+def bench_table(datasets, categories, lines):
     """The scores as text, x100: each category (its key as the release names it) with its datasets
-    below it, in the release's order, then the datasets of no category; the paper's numbers beside
-    them where it has them."""
+    below it, in the release's order, then the mean of the in-domain categories, then the datasets
+    of no category; the paper's numbers beside them where it has them."""
     counts = {}
     for line in lines:
         counts[line["dataset"]] = counts.get(line["dataset"], 0) + 1
-    header = f"{'category / dataset':34} {'answers':>7}  {'metric':10} {'score':>6}"
-    rows = [header + ("  paper" if paper else "")]
+    release, paper = paper_numbers(lines)
+    header = f"{'category / dataset':36} {'answers':>7}  {'metric':9} {'score':>6}"
+    rows = [header + (f"  paper ({release})" if paper else "")]
 
-    def row(name, n, metric, score):
+    def row(name, n, metric, score, paper_key=None):
         """One line of the table, the paper's number at the end where it has one."""
-        text = f"{name:34} {n:>7}  {metric:10} {100 * score:6.2f}"
-        if name.strip() in paper:
-            text += f"  {paper[name.strip()]:5.1f}"
+        text = f"{name:36} {n:>7}  {metric:9} {100 * score:6.2f}"
+        paper_key = paper_key or name.strip()
+        if paper_key in paper:
+            text += f"  {paper[paper_key]:5.1f}"
         return text
 
     listed = set()
@@ -836,7 +838,8 @@ def bench_table(datasets, categories, paper, lines):
                 listed.add(name)
     in_domain = [categories[key] for key, _ in CATEGORIES[:IN_DOMAIN] if key in categories]
     if in_domain:
-        rows.append(row("in-domain", "", "mean of categories", sum(in_domain) / len(in_domain)))
+        mean = sum(in_domain) / len(in_domain)
+        rows.append(row(f"in-domain: {len(in_domain)} categories", "", "mean", mean, "in-domain"))
     others = [name for name in datasets if name not in listed]
     if others:
         rows.append("datasets in no category of the release")
@@ -867,7 +870,7 @@ def score_file(path, log, out=None):
         log(f"{path}: dataset {dataset} ({n} answers) skipped: {reason}")
     skipped_lines = len(bad) + sum(n for _, _, n in skipped)
     scored = len(lines) - sum(n for _, _, n in skipped)
-    table = bench_table(datasets, categories, paper_numbers(lines), lines)
+    table = bench_table(datasets, categories, lines)
     summary = f"{path}: {scored} answers scored, {skipped_lines} lines skipped\n"
     folder = os.path.dirname(os.path.abspath(path))
     write_atomic(os.path.join(folder, "eval_dataset.json"), json.dumps(datasets, indent=4))
