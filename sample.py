@@ -1031,6 +1031,7 @@ def run_bench(session, args, bench, log):
     # Greedy, as the release: only the number of new tokens can be chosen
     budget = args.max_new_tokens or BENCH_MAX_NEW_TOKENS
     session.settings = dict(session.settings, max_new_tokens=budget)
+    log(f"the bench: greedy, at most {budget} new tokens an answer")
     done = answered_turns(args.answers, log)
     todo = [x for x in items
             if any((json.dumps(x.sample_id), t) not in done for t in range(len(x.turns)))]
