@@ -8,6 +8,9 @@
   python sample.py --model PATH --views v1.png v2.png v3.png "How many chairs are in the room?"
   python sample.py --model lmms-lab/llava-next-interleave-qwen-0.5b \\
       --image photo.jpg --anyres "What does it say?"
+  python sample.py --model PATH --bench questions.json --image-folder IMAGES \\
+      --answers out/answers.jsonl        # LLaVA-Interleave Bench, resumable, then scored
+  python sample.py --score out/answers.jsonl   # score an answers file (or the release's result.jsonl)
 
 --model is a checkpoint folder or a hub id (org/name): an id is read from the Hugging Face cache, or
 downloaded into it by huggingface_hub (offline, the cache must hold it); a folder of that name wins.
@@ -604,7 +607,6 @@ IN_DOMAIN = 7   # the first seven categories are the bench's in-domain part
 PAPER = {
     "0.5b": {"in-domain": 43.9, "NLVR2": 67.8, "QBench": 52.0, "Mantis": 45.6, "BLINK": 39.2},
 }
-QUESTION_TYPES = ("open-ended", "multi-choice")
 # The VQA-style marks of the release's punctuation rule
 MARKS = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@",
          "`", ",", "?", "!")
@@ -617,6 +619,7 @@ PREDICTION_CHARS = 512         # open-ended: a longer (normalised) prediction is
 CHOICE_LETTERS = "abcdefgh"
 BENCH_MAX_NEW_TOKENS = 1024    # the release's
 PROGRESS_EVERY = 5.0           # seconds between progress lines
+SKIPS_SHOWN = 20               # the reasons of the first 20 records skipped are shown
 
 
 def strip_punctuation(text):
@@ -863,8 +866,10 @@ def score_file(path, log, out=None):
     beside it. Lines and datasets that cannot be scored are skipped, counted and named on log."""
     out = out or sys.stdout
     lines, bad = read_answers(path)
-    for number, reason in bad[:10]:
+    for number, reason in bad[:SKIPS_SHOWN]:
         log(f"{path}: line {number} skipped: {reason}")
+    if len(bad) > SKIPS_SHOWN:
+        log(f"{path}: {len(bad) - SKIPS_SHOWN} more lines skipped")
     datasets, categories, skipped = score_answers(lines)
     for dataset, reason, n in skipped:
         log(f"{path}: dataset {dataset} ({n} answers) skipped: {reason}")
@@ -912,7 +917,9 @@ def bench_item(record, image_folder):
         raise interleave.InputError(f"{name}: the turns must alternate human, gpt, ...")
     # ---- the images, each an existing file inside the image folder
     video, images = interleave.record_media(name, record)
-    if video is not None or not images:
+    if video is not None:
+        raise interleave.InputError(f"{name}: a video; give its frames as 'image' files")
+    if not images:
         raise interleave.InputError(f"{name}: no images")
     paths = [interleave.media_path(name, image_folder, path) for path in images]
     for path in paths:
@@ -928,7 +935,9 @@ def bench_item(record, image_folder):
         markers[0] = len(paths)
     starts = np.cumsum([0] + markers).tolist()
     answers = [text for role, text in turns if role == "assistant"]
-    asked = [(q, paths[starts[i]:starts[i + 1]], a) for i, (q, a) in enumerate(zip(questions, answers))]
+    asked = []
+    for i, (question, reference) in enumerate(zip(questions, answers)):
+        asked.append((question, paths[starts[i]:starts[i + 1]], reference))
     return BenchItem(record["sample_id"], metadata["dataset"], question_type, asked)
 
 
@@ -1050,8 +1059,10 @@ def run_bench(session, args, bench, log):
                 left = (now - start) / k * (len(todo) - k)
                 log(f"[{k}/{len(todo)}] {now - start:.0f} s, about {left:.0f} s left")
                 shown_at = now
-    for reason in skipped:
+    for reason in skipped[:SKIPS_SHOWN]:
         log(f"skipped: {reason}")
+    if len(skipped) > SKIPS_SHOWN:
+        log(f"skipped: {len(skipped) - SKIPS_SHOWN} more")
     log(f"{len(skipped)} records skipped")
     return score_file(args.answers, log)
 
