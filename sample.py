@@ -8,6 +8,9 @@
   python sample.py --model PATH --views v1.png v2.png v3.png "How many chairs are in the room?"
   python sample.py --model lmms-lab/llava-next-interleave-qwen-0.5b \\
       --image photo.jpg --anyres "What does it say?"
+  python sample.py --model PATH --bench questions.json --image-folder IMAGES \\
+      --answers out/answers.jsonl        # LLaVA-Interleave Bench, resumable, then scored
+  python sample.py --score out/answers.jsonl   # score an answers file (or the release's result.jsonl)
 
 --model is a checkpoint folder or a hub id (org/name): an id is read from the Hugging Face cache, or
 downloaded into it by huggingface_hub (offline, the cache must hold it); a folder of that name wins.
@@ -28,6 +31,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -82,6 +86,14 @@ def parse_args(argv):
     p.add_argument("--attn", choices=interleave.ATTENTION_IMPLS, help="default: triton on CUDA, else sdpa")
     p.add_argument("--viz", metavar="OUT.png", help="draw where the answer looked in each image")
     p.add_argument("--quiet", action="store_true", help="no statistics on stderr")
+    b = p.add_argument_group("LLaVA-Interleave Bench (asked greedily and scored as the release does)")
+    b.add_argument("--bench", metavar="QUESTIONS.json",
+                   help="ask every question of a bench file; needs --image-folder and --answers")
+    b.add_argument("--image-folder", metavar="DIR", help="the folder the bench's image paths are in")
+    b.add_argument("--answers", metavar="ANSWERS.jsonl",
+                   help="one line per answer is appended here; a restarted run skips those answered")
+    b.add_argument("--score", metavar="ANSWERS.jsonl",
+                   help="only score an answers file (ours, or the release's result.jsonl): no model")
     return p.parse_args(argv)
 
 
@@ -95,6 +107,47 @@ def check_options(args):
             raise interleave.InputError(f"{option} {value} is out of range: give {must}")
     if args.viz:
         check_viz_file(args.viz)
+    if args.bench or args.score or args.image_folder or args.answers:
+        check_bench_options(args)
+
+
+def check_bench_options(args):
+    """Refuse --bench and --score mixed with options they do not take, or given without theirs, and
+    files and folders that are not there, before anything is read or loaded."""
+    given = args.bench or args.score
+    mode = "--bench" if args.bench else "--score"
+    if not given:
+        option = "--image-folder" if args.image_folder else "--answers"
+        raise interleave.InputError(f"{option} is for --bench; give --bench QUESTIONS.json too")
+    if args.bench and args.score:
+        raise interleave.InputError("--bench scores its answers itself; give --bench or --score")
+    # Options of the other modes, and (greedy, as the release) the sampling ones
+    others = {"a prompt": args.prompt, "--image": args.image, "--video": args.video,
+              "--views": args.views, "--viz": args.viz, "--anyres": args.anyres,
+              "--demo": args.demo}
+    for name in ("temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+        others["--" + name.replace("_", "-")] = getattr(args, name) is not None
+    if args.score:
+        others.update({"--model": args.model, "--device": args.device, "--dtype": args.dtype,
+                       "--attn": args.attn, "--max-new-tokens": args.max_new_tokens})
+    for name, value in others.items():
+        if value:
+            raise interleave.InputError(f"{mode} does not take {name}; leave it out")
+    # ---- the files
+    if args.score and not os.path.isfile(args.score):
+        raise interleave.InputError(f"--score {args.score}: there is no such file")
+    if args.bench:
+        for option, value in (("--image-folder", args.image_folder), ("--answers", args.answers)):
+            if not value:
+                raise interleave.InputError(f"--bench needs {option} too")
+        if not os.path.isfile(args.bench):
+            raise interleave.InputError(f"--bench {args.bench}: there is no such file")
+        if not os.path.isdir(args.image_folder):
+            raise interleave.InputError(f"--image-folder {args.image_folder}: there is no such folder")
+        folder = os.path.dirname(args.answers) or "."
+        if not os.path.isdir(folder):
+            raise interleave.InputError(f"--answers {args.answers}: there is no folder {folder}; "
+                                        "create it first")
 
 
 def check_viz_file(path):
@@ -528,6 +581,518 @@ def chat(session, images, names):
             turns.pop()
 
 
+# ==== LLaVA-Interleave Bench: the paper's benchmark, asked and scored as the release does
+# The release: LLaVA-NeXT's llava/eval/model_vqa_demon_qwen_new.py asks, evaluate_demon_new.py scores
+# (read at commit 0f3e941; both files were removed from the repository later).
+
+# The release's categories in its order, under the keys its scorer writes to eval_cat.json
+CATEGORIES = (
+    ("multi_modal_dialogue", ("MMCoQA", "ALFRED")),
+    ("visual_story_telling_list", ("AESOP", "DiDeMoSV", "FlintstonesSV", "PororoSV", "VIST")),
+    ("visual_relation_inference", ("IEdit", "Spot-the-Diff", "Birds-to-Words", "CLEVR-Change")),
+    ("multi_modal_cloze",
+     ("COMICS_Dialogue", "COMICS_Panel", "RecipeQA_VisualCloze", "RecipeQA_TextCloze")),
+    ("knowledge_grounded_qa", ("WebQA", "TQA", "MultiModalQA")),
+    ("text_rich_images_qa", ("SlideVQA", "OCR-VQA", "DocVQA")),
+    ("multi_image_reasoning",
+     ("Fashion200K", "NLVR2", "nuscenes", "VizWiz", "MIT-States_StateCoherence",
+      "MIT-States_PropertyCoherence", "VISION", "RecipeQA_ImageCoherence")),
+    ("mantis", ("NLVR2_Mantis", "QBench", "Mantis", "BLINK", "MVBench")),
+    ("ood", ("RAVEN", "BAPPS", "HQ-Edit")),
+)
+IN_DOMAIN = 7   # the first seven categories are the bench's in-domain part
+# The paper's numbers for a release, found by its name in the answers' model_id. Only the 0.5B's
+# five are known here; which of the bench's datasets the paper's NLVR2 is (NLVR2 or NLVR2_Mantis)
+# and how it averages the in-domain part are not checked against the paper.
+PAPER = {
+    "0.5b": {"in-domain": 43.9, "NLVR2": 67.8, "QBench": 52.0, "Mantis": 45.6, "BLINK": 39.2},
+}
+# The VQA-style marks of the release's punctuation rule
+MARKS = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@",
+         "`", ",", "?", "!")
+DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
+# The release writes (?!<=\d)(\.)(?!\d): its first group looks ahead, not behind, so it only says
+# that the period is not followed by "<=" and a digit, which is always true there.
+LONE_PERIOD = re.compile(r"\.(?!\d)")
+PERIODS_DELETED = re.UNICODE   # 32: the release passes this flag where re.sub takes its count
+PREDICTION_CHARS = 512         # open-ended: a longer (normalised) prediction is cut to this
+CHOICE_LETTERS = "abcdefgh"
+BENCH_MAX_NEW_TOKENS = 1024    # the release's
+PROGRESS_EVERY = 5.0           # seconds between progress lines
+SKIPS_SHOWN = 20               # the reasons of the first 20 records skipped are shown
+
+
+def strip_punctuation(text):
+    """The release's punctuation rule: a mark that stands next to a space anywhere in the text, or
+    any mark when the text has a digit-comma-digit, is deleted everywhere, else replaced by spaces;
+    then periods not followed by a digit are deleted, the first 32 of them only."""
+    digit_comma_digit = DIGIT_COMMA_DIGIT.search(text) is not None
+    out = text
+    for mark in MARKS:
+        beside_space = mark + " " in text or " " + mark in text
+        if beside_space or digit_comma_digit:
+            out = out.replace(mark, "")
+        else:
+            out = out.replace(mark, " ")
+    return LONE_PERIOD.sub("", out, count=PERIODS_DELETED)
+
+
+def normalise(answer):
+    """An answer as the release compares it: newlines and tabs to spaces, stripped, the punctuation
+    rule, quotes and brackets stripped from the ends (in the release's order: ' " ) (), lower case."""
+    text = answer.replace("\n", " ")
+    text = text.replace("\t", " ")
+    text = strip_punctuation(text.strip())
+    for end in ("'", '"', ")", "("):
+        text = text.strip(end)
+    return text.strip().lower()
+
+
+def choice_letter(prediction):
+    """multi-choice: a normalised prediction with ":" becomes the last of its ":"-separated pieces
+    that is one letter a-h, if one is ("answer: b" -> "b"); otherwise it stays as it is."""
+    if ":" not in prediction:
+        return prediction
+    for piece in prediction.split(":"):
+        piece = piece.strip()
+        if len(piece) == 1 and piece in CHOICE_LETTERS:
+            prediction = piece
+    return prediction
+
+
+def sentence_words(text):
+    """The `rouge` package's split: sentences at every period (empty ones dropped), each one's words
+    at whitespace; a sentence of whitespace alone is one empty word."""
+    sentences = [part for part in text.split(".") if part]
+    return [" ".join(part.split()).split(" ") for part in sentences]
+
+
+def lcs_words(x, y):
+    """The words of the longest common subsequence of the word lists x and y that the `rouge`
+    package traces back (from the end; on a tie it steps back in y)."""
+    table = [[0] * (len(y) + 1) for _ in range(len(x) + 1)]
+    for i in range(1, len(x) + 1):
+        for j in range(1, len(y) + 1):
+            if x[i - 1] == y[j - 1]:
+                table[i][j] = table[i - 1][j - 1] + 1
+            else:
+                table[i][j] = max(table[i - 1][j], table[i][j - 1])
+    words = set()
+    i = len(x)
+    j = len(y)
+    while i > 0 and j > 0:
+        if x[i - 1] == y[j - 1]:
+            words.add(x[i - 1])
+            i -= 1
+            j -= 1
+        elif table[i - 1][j] > table[i][j - 1]:
+            i -= 1
+        else:
+            j -= 1
+    return words
+
+
+def rouge_l(prediction, reference):
+    """ROUGE-L F as the `rouge` package (1.0.1) computes "rouge-l" "f": summary level, and over
+    distinct words, since the package keeps its words in sets. The hits are the distinct words of
+    the traced LCS of every (reference sentence, prediction sentence) pair; precision and recall
+    divide them by the prediction's and the reference's distinct words. 0 when either side has no
+    sentence: the release scores an empty text 0, and the package raises ValueError on a text of
+    periods alone (which would stop the release's scorer)."""
+    predicted = sentence_words(prediction)
+    referenced = sentence_words(reference)
+    if not predicted or not referenced:
+        return 0.0
+    hits = set()
+    for ref_words in referenced:
+        for pred_words in predicted:
+            hits |= lcs_words(ref_words, pred_words)
+    precision = len(hits) / len({word for words in predicted for word in words})
+    recall = len(hits) / len({word for words in referenced for word in words})
+    return 2.0 * ((precision * recall) / (precision + recall + 1e-8))
+
+
+def dataset_kind(dataset, question_type):
+    """How the release scores a dataset, from its first answer's question_type: "open-ended" by
+    ROUGE-L, "multi-choice" (and any type of the dataset called Mantis) by exact match; None for
+    another type (the release stops there; we skip the dataset)."""
+    if question_type == "open-ended":
+        return "open-ended"
+    if question_type == "multi-choice" or dataset == "Mantis":
+        return "multi-choice"
+    return None
+
+
+def score_answer(kind, prediction, reference):
+    """One answer's score by the release's rules, on the normalised texts: exact match after
+    choice_letter, or ROUGE-L F with the prediction cut to 512 characters (an empty prediction or
+    reference has no sentence: 0, as the release scores it)."""
+    prediction = normalise(prediction)
+    reference = normalise(reference)
+    if kind == "multi-choice":
+        return float(choice_letter(prediction) == reference)
+    return rouge_l(prediction[:PREDICTION_CHARS], reference)
+
+
+ANSWER_FIELDS = {"dataset": str, "pred_response": str, "gt_response": str, "question_type": str}
+
+
+def answer_problem(line):
+    """Why a parsed line of an answers file cannot be scored, or None if it can."""
+    if not isinstance(line, dict):
+        return "not a JSON object"
+    for name, kind in ANSWER_FIELDS.items():
+        if not isinstance(line.get(name), kind):
+            return f"no text field {name!r}"
+    if "sample_id" not in line:
+        return "no 'sample_id'"
+    return None
+
+
+def read_answers(path):
+    """The lines of an answers file (ours, or the release's result.jsonl) that can be scored, and
+    (line number, reason) for each that cannot: not JSON, or missing a field."""
+    good = []
+    bad = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                line = json.loads(text)
+            except ValueError:
+                bad.append((number, "not valid JSON"))
+                continue
+            problem = answer_problem(line)
+            if problem:
+                bad.append((number, problem))
+            else:
+                good.append(line)
+    return good, bad
+
+
+def score_answers(lines):
+    """The release's scores: {dataset: {"Rouge-L f" or "Accuracy": mean}} in the order datasets
+    first appear, and {category key: mean of its datasets' scores} in the release's order; also
+    the datasets skipped, as (dataset, reason, lines). A dataset's kind is its first line's."""
+    by_dataset = {}
+    for line in lines:
+        by_dataset.setdefault(line["dataset"], []).append(line)
+    datasets = {}
+    skipped = []
+    for dataset, group in by_dataset.items():
+        kind = dataset_kind(dataset, group[0]["question_type"])
+        if kind is None:
+            reason = f"unknown question_type {group[0]['question_type']!r}"
+            skipped.append((dataset, reason, len(group)))
+            continue
+        scores = [score_answer(kind, x["pred_response"], x["gt_response"]) for x in group]
+        metric = "Rouge-L f" if kind == "open-ended" else "Accuracy"
+        datasets[dataset] = {metric: float(np.mean(scores))}
+    categories = {}
+    for key, names in CATEGORIES:
+        # As the release: a running sum in the order the datasets first appear
+        members = [next(iter(datasets[d].values())) for d in datasets if d in names]
+        if members:
+            categories[key] = sum(members) / len(members)
+    return datasets, categories, skipped
+
+
+def paper_numbers(lines):
+    """(release, the paper's numbers for it) for the release that wrote the answers (their one
+    model_id names it), or (None, {}) when the paper has none for it."""
+    model_ids = {str(line.get("model_id", "")).lower() for line in lines}
+    if len(model_ids) != 1:
+        return None, {}
+    model_id = model_ids.pop()
+    for release, numbers in PAPER.items():
+        if release in model_id:
+            return release, numbers
+    return None, {}
+
+
+def bench_table(datasets, categories, lines):
+    """The scores as text, x100: each category (its key as the release names it) with its datasets
+    below it, in the release's order, then the mean of the in-domain categories, then the datasets
+    of no category; the paper's numbers beside them where it has them."""
+    counts = {}
+    for line in lines:
+        counts[line["dataset"]] = counts.get(line["dataset"], 0) + 1
+    release, paper = paper_numbers(lines)
+    header = f"{'category / dataset':36} {'answers':>7}  {'metric':9} {'score':>6}"
+    rows = [header + (f"  paper ({release})" if paper else "")]
+
+    def row(name, n, metric, score, paper_key=None):
+        """One line of the table, the paper's number at the end where it has one."""
+        text = f"{name:36} {n:>7}  {metric:9} {100 * score:6.2f}"
+        paper_key = paper_key or name.strip()
+        if paper_key in paper:
+            text += f"  {paper[paper_key]:5.1f}"
+        return text
+
+    listed = set()
+    for key, names in CATEGORIES:
+        if key in categories:
+            rows.append(row(key, "", "mean", categories[key]))
+        for name in names:
+            if name in datasets:
+                metric, score = next(iter(datasets[name].items()))
+                rows.append(row("  " + name, counts[name], metric, score))
+                listed.add(name)
+    in_domain = [categories[key] for key, _ in CATEGORIES[:IN_DOMAIN] if key in categories]
+    if in_domain:
+        mean = sum(in_domain) / len(in_domain)
+        rows.append(row(f"in-domain: {len(in_domain)} categories", "", "mean", mean, "in-domain"))
+    others = [name for name in datasets if name not in listed]
+    if others:
+        rows.append("datasets in no category of the release")
+    for name in others:
+        metric, score = next(iter(datasets[name].items()))
+        rows.append(row("  " + name, counts[name], metric, score))
+    return "\n".join(rows) + "\n"
+
+
+def write_atomic(path, text):
+    """Write text to path through a temporary name, so that path is never half-written."""
+    partial = path + ".partial"
+    with open(partial, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(partial, path)
+
+
+def score_file(path, log, out=None):
+    """Score an answers file (ours, or the release's result.jsonl): print the table to out (stdout)
+    and write eval_dataset.json, eval_cat.json (the release's files and keys) and eval_table.txt
+    beside it. Lines and datasets that cannot be scored are skipped, counted and named on log."""
+    out = out or sys.stdout
+    lines, bad = read_answers(path)
+    for number, reason in bad[:SKIPS_SHOWN]:
+        log(f"{path}: line {number} skipped: {reason}")
+    if len(bad) > SKIPS_SHOWN:
+        log(f"{path}: {len(bad) - SKIPS_SHOWN} more lines skipped")
+    datasets, categories, skipped = score_answers(lines)
+    for dataset, reason, n in skipped:
+        log(f"{path}: dataset {dataset} ({n} answers) skipped: {reason}")
+    skipped_lines = len(bad) + sum(n for _, _, n in skipped)
+    scored = len(lines) - sum(n for _, _, n in skipped)
+    table = bench_table(datasets, categories, lines)
+    summary = f"{path}: {scored} answers scored, {skipped_lines} lines skipped\n"
+    folder = os.path.dirname(os.path.abspath(path))
+    write_atomic(os.path.join(folder, "eval_dataset.json"), json.dumps(datasets, indent=4))
+    write_atomic(os.path.join(folder, "eval_cat.json"), json.dumps(categories, indent=4))
+    write_atomic(os.path.join(folder, "eval_table.txt"), summary + table)
+    out.write(summary + table)
+    out.flush()
+    return datasets, categories
+
+
+@dataclasses.dataclass
+class BenchItem:
+    """One bench record, checked: its id, dataset and question type, and its turns as
+    (question, image paths, reference answer); the images all go with their markers' turns."""
+    sample_id: object
+    dataset: str
+    question_type: str
+    turns: list
+
+
+def bench_item(record, image_folder):
+    """A bench record -> BenchItem, or InputError saying why it cannot be asked: not an object,
+    no sample_id or metadata, an unknown question_type, turns that do not alternate human and gpt,
+    no images, a missing image file, markers that do not match the images."""
+    if not isinstance(record, dict) or "sample_id" not in record:
+        raise interleave.InputError("not an object with a 'sample_id'")
+    name = f"sample_id {interleave.shown(record['sample_id'])}"
+    metadata = record.get("metadata")
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("dataset"), str):
+        raise interleave.InputError(f"{name}: no metadata.dataset")
+    question_type = metadata.get("question_type")
+    if dataset_kind(metadata["dataset"], question_type) is None:
+        raise interleave.InputError(f"{name}: unknown question_type "
+                                    f"{interleave.shown(question_type)}")
+    # ---- the turns: human, gpt, human, gpt, ...
+    turns = interleave.record_turns(name, record)
+    roles = [role for role, _ in turns]
+    if len(turns) % 2 or roles != ["user", "assistant"] * (len(turns) // 2):
+        raise interleave.InputError(f"{name}: the turns must alternate human, gpt, ...")
+    # ---- the images, each an existing file inside the image folder
+    video, images = interleave.record_media(name, record)
+    if video is not None:
+        raise interleave.InputError(f"{name}: a video; give its frames as 'image' files")
+    if not images:
+        raise interleave.InputError(f"{name}: no images")
+    paths = [interleave.media_path(name, image_folder, path) for path in images]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise interleave.InputError(f"{name}: image file {path} is missing")
+    # ---- each question with the images of its markers (no markers: all go with the first)
+    questions = [text for role, text in turns if role == "user"]
+    markers = [text.count(interleave.IMAGE_MARKER) for text in questions]
+    if sum(markers) not in (0, len(paths)):
+        raise interleave.InputError(f"{name}: {sum(markers)} {interleave.IMAGE_MARKER} markers "
+                                    f"for {len(paths)} images")
+    if not sum(markers):
+        markers[0] = len(paths)
+    starts = np.cumsum([0] + markers).tolist()
+    answers = [text for role, text in turns if role == "assistant"]
+    asked = []
+    for i, (question, reference) in enumerate(zip(questions, answers)):
+        asked.append((question, paths[starts[i]:starts[i + 1]], reference))
+    return BenchItem(record["sample_id"], metadata["dataset"], question_type, asked)
+
+
+def read_bench(path, image_folder):
+    """The questions file (a JSON list of records) -> the BenchItems that can be asked, and the
+    (sample_id, reason) of each record skipped (a sample_id seen before is skipped too)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise interleave.InputError(f"--bench {path} is not valid JSON ({e})") from None
+    if not isinstance(records, list):
+        raise interleave.InputError(f"--bench {path}: the top level must be a list of records")
+    items = []
+    skipped = []
+    seen = set()
+    for record in records:
+        try:
+            item = bench_item(record, image_folder)
+        except interleave.InputError as e:
+            skipped.append(str(e))
+            continue
+        key = json.dumps(item.sample_id)
+        if key in seen:
+            skipped.append(f"sample_id {key}: seen before")
+            continue
+        seen.add(key)
+        items.append(item)
+    return items, skipped
+
+
+def answered_turns(path, log):
+    """{(sample_id as JSON, turn): answer} of the answers already in our answers file, for a
+    restarted run. A last line cut short by a kill is cut off the file (it is asked again)."""
+    done = {}
+    if not os.path.exists(path):
+        return done
+    with open(path, "rb+") as f:
+        data = f.read()
+        whole = data.rfind(b"\n") + 1
+        if whole < len(data):
+            log(f"{path}: its last line was cut short (the run was killed); asking it again")
+            f.truncate(whole)
+    for text in data[:whole].decode("utf-8", errors="replace").splitlines():
+        try:
+            line = json.loads(text)
+            key = (json.dumps(line["sample_id"]), line["turn"])
+            done[key] = str(line["pred_response"])
+        except (ValueError, TypeError, KeyError):
+            continue   # the scorer skips and counts it
+    return done
+
+
+def bench_answer(session, turns):
+    """The model's greedy answer to the conversation so far, as the release strips it."""
+    model = session.model
+    config = model.config
+    device = model.decoder.embed_tokens.weight.device
+    sample = interleave.build_inputs(turns, session.tokenizer, config)
+    n = len(sample.input_ids)
+    pixels = None if sample.pixel_values is None else sample.pixel_values.to(device)
+    budget = min(session.settings["max_new_tokens"], config.text.max_positions - n)
+    if budget < 1:
+        raise interleave.InputError(f"the prompt takes {n} tokens, the model's whole context")
+    new = model.generate(sample.input_ids[None].to(device), pixels, sample.image_sizes,
+                         max_new_tokens=budget, stop_ids=session.stops)
+    ids = new[0].tolist()
+    stops = [i for i, token in enumerate(ids) if token in session.stops]
+    if stops:
+        ids = ids[:stops[0]]
+    return session.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def ask_item(session, item, done, out, model_id):
+    """Ask a record's questions in order, each after the model's own earlier answers (those of a
+    killed run are read back from done); append a line to out for each new answer, made durable
+    before the next question."""
+    key = json.dumps(item.sample_id)
+    turns = []
+    for turn, (question, images, reference) in enumerate(item.turns):
+        turns.append(("user", question, images))
+        reply = done.get((key, turn))
+        if reply is None:
+            reply = bench_answer(session, turns)
+            line = {"dataset": item.dataset, "sample_id": item.sample_id, "turn": turn,
+                    "prompt": question, "pred_response": reply, "gt_response": reference,
+                    "question_type": item.question_type, "model_id": model_id}
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        turns.append(("assistant", reply))
+
+
+def run_bench(session, args, bench, log):
+    """Ask every question of bench (read_bench's items and skipped records) not answered yet in
+    --answers, greedily, appending as it goes, with progress and an ETA on log; then score the
+    answers file. Records that cannot be asked are skipped, named and counted."""
+    items, skipped = bench
+    model_id = os.path.basename(os.path.normpath(args.model or EMBEDDED))
+    # Greedy, as the release: only the number of new tokens can be chosen
+    budget = args.max_new_tokens or BENCH_MAX_NEW_TOKENS
+    session.settings = dict(session.settings, max_new_tokens=budget)
+    log(f"the bench: greedy, at most {budget} new tokens an answer")
+    done = answered_turns(args.answers, log)
+    todo = [x for x in items
+            if any((json.dumps(x.sample_id), t) not in done for t in range(len(x.turns)))]
+    log(f"{args.bench}: {len(items)} records to ask, {len(items) - len(todo)} answered before, "
+        f"{len(skipped)} skipped")
+    start = time.perf_counter()
+    shown_at = start
+    with open(args.answers, "a", encoding="utf-8") as out:
+        for k, item in enumerate(todo, 1):
+            try:
+                ask_item(session, item, done, out, model_id)
+            except interleave.InputError as e:
+                skipped.append(f"sample_id {json.dumps(item.sample_id)}: {e}")
+            now = time.perf_counter()
+            if now - shown_at >= PROGRESS_EVERY or k == len(todo):
+                left = (now - start) / k * (len(todo) - k)
+                log(f"[{k}/{len(todo)}] {now - start:.0f} s, about {left:.0f} s left")
+                shown_at = now
+    for reason in skipped[:SKIPS_SHOWN]:
+        log(f"skipped: {reason}")
+    if len(skipped) > SKIPS_SHOWN:
+        log(f"skipped: {len(skipped) - SKIPS_SHOWN} more")
+    log(f"{len(skipped)} records skipped")
+    return score_file(args.answers, log)
+
+
+def load_session(args, device, log):
+    """The model of --model (default: the embedded one) on device, with its tokenizer, its
+    generation settings and its stop tokens."""
+    # ---- how to run: bf16 on a GPU, else fp32
+    default_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype
+    if args.attn == "triton" and device.type == "cpu":
+        # The kernel then runs in Triton's interpreter (slow)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+    # ---- the model, its tokenizer and its generation settings
+    start = time.perf_counter()
+    path = interleave.checkpoint_folder(args.model or EMBEDDED)
+    settings, stops = generation_settings(args, path, log)
+    model = interleave.load(path, device=device, dtype=dtype, attn=args.attn)
+    tokenizer = interleave.load_tokenizer(path)
+    log(f"loaded {args.model or 'the embedded tiny model'} ({model.config.layout} layout) "
+        f"on {device}, {dtype}, {model.decoder.layers[0].self_attn.impl} attention, "
+        f"in {time.perf_counter() - start:.1f} s")
+    # The chat template's end tokens (those the tokenizer has) stop an answer too
+    chat_ends = {tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    chat_ends.discard(None)
+    stops = sorted(chat_ends | set(stops))
+    return Session(model, tokenizer, settings, stops, args, log)
+
+
 def run(args, log):
     # `--views a.png b.png "prompt"`: argparse gave the prompt to --views; it is not an image file
     if args.prompt is None and args.views:
@@ -541,7 +1106,14 @@ def run(args, log):
 
     # ---- check the options and read the inputs first: a typo should not cost a model load
     check_options(args)
+    if args.score:
+        score_file(args.score, log)
+        return
     device = pick_device(args.device)
+    if args.bench:
+        bench = read_bench(args.bench, args.image_folder)
+        session = load_session(args, device, log)
+        return run_bench(session, args, bench, log)
     images = [interleave.open_image(path) for path in args.image]
     names = [os.path.basename(path) for path in args.image]
     if args.video:
@@ -566,27 +1138,7 @@ def run(args, log):
         if not prompt:
             raise interleave.InputError("no prompt: give it as an argument or on stdin")
 
-    # ---- how to run: bf16 on a GPU, else fp32
-    default_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype
-    if args.attn == "triton" and device.type == "cpu":
-        # The kernel then runs in Triton's interpreter (slow)
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-
-    # ---- the model, its tokenizer and its generation settings
-    start = time.perf_counter()
-    path = interleave.checkpoint_folder(args.model or EMBEDDED)
-    settings, stops = generation_settings(args, path, log)
-    model = interleave.load(path, device=device, dtype=dtype, attn=args.attn)
-    tokenizer = interleave.load_tokenizer(path)
-    log(f"loaded {args.model or 'the embedded tiny model'} ({model.config.layout} layout) "
-        f"on {device}, {dtype}, {model.decoder.layers[0].self_attn.impl} attention, "
-        f"in {time.perf_counter() - start:.1f} s")
-    # The chat template's end tokens (those the tokenizer has) stop an answer too
-    chat_ends = {tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")}
-    chat_ends.discard(None)
-    stops = sorted(chat_ends | set(stops))
-    session = Session(model, tokenizer, settings, stops, args, log)
+    session = load_session(args, device, log)
 
     # ---- the demo, a chat, or one question
     if args.demo:

@@ -1,6 +1,7 @@
 """A synthetic M4-Instruct data set, drawn with Pillow: one task family per scenario of the paper (docs/MODEL.md §5).
 
     python data/make_m4.py --out data/m4 --train 2000 --val 100 --seed 0      # counts are per task family
+    python data/make_m4.py --out data/m4 --bench 25                           # a bench file for sample.py --bench
 
 Writes OUT/train.json and OUT/val.json (LLaVA / M4-Instruct records; the image paths are relative to OUT) and the
 pictures under OUT/train/ and OUT/val/. Everything follows from --seed: each record draws from its own random
@@ -214,6 +215,69 @@ def write_split(out, split, count, seed, size, perception=0.0, workers=1):
     return path
 
 
+# ---- the bench: the tasks as LLaVA-Interleave Bench records (sample.py --bench asks them)
+BENCH_KINDS = ("task", "choice", "describe")
+OPTIONS = {"multi_image": ["1", "2", "3"], "video": list(DIRECTIONS), "multi_view": ["1", "2", "3"],
+           "multi_patch": list(SHAPES)}
+LETTERS = "ABCDEFGH"
+VIDEO_FRAMES = 4   # as the video question's 4 markers sample them: np.linspace(0, 7, 4, dtype=int)
+
+
+def bench_question(rng, task, question, answer, about, kind):
+    """(question, answer, question_type) of one bench record. task: the question the model was trained on, open-ended;
+    choice: the same question without its "Answer ..." instruction, the answers as lettered options in a random
+    order, multi-choice; describe: the question about what the pictures show, open-ended (scored by ROUGE-L)."""
+    head, _, asked = question.rpartition("\n")   # the markers' lines, then the question's line
+    if kind == "task":
+        return question, answer, "open-ended"
+    if kind == "describe":
+        about_question, description = about[0]
+        return f"{head}\n{about_question}", description, "open-ended"
+    options = list(OPTIONS[task])
+    rng.shuffle(options)
+    lettered = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
+    asked = asked.split(" Answer")[0]
+    choose = "Answer with the option's letter from the given choices directly."
+    return f"{head}\n{asked}\n{lettered}\n{choose}", LETTERS[options.index(answer)], "multi-choice"
+
+
+def write_bench_example(out, task, i, seed, size):
+    """Draw example i of a task from the "bench" split (never a training or held-out picture), save its pictures
+    once, return its records, one of each kind."""
+    images, question, answer, _, about = make_example(task, seed, "bench", i, size)
+    if task == "video":   # the frames the question's markers sample, as files
+        frames = [int(k * (len(images) - 1) / (VIDEO_FRAMES - 1)) for k in range(VIDEO_FRAMES)]
+        images = [images[k] for k in frames]
+    names = [f"bench/{task}/{i:04d}_{j}.png" for j in range(len(images))]
+    for name, image in zip(names, images):
+        atomic_save(image, os.path.join(out, name))
+    records = []
+    for kind in BENCH_KINDS:
+        rng = random.Random(f"{seed}/bench/{task}/{i}/{kind}")
+        asked, expected, question_type = bench_question(rng, task, question, answer, about, kind)
+        dataset = task if kind == "task" else f"{task}-{kind}"
+        turns = [{"from": "human", "value": asked}, {"from": "gpt", "value": expected}]
+        records.append({"sample_id": f"{dataset}-{i:04d}", "image": names, "conversations": turns,
+                        "metadata": {"dataset": dataset, "question_type": question_type}})
+    return records
+
+
+def write_bench(out, count, seed, size):
+    """OUT/bench.json: count examples per task family, each asked three ways (BENCH_KINDS), grouped by dataset."""
+    by_kind = {kind: [] for kind in BENCH_KINDS}
+    for task in TASKS:
+        os.makedirs(os.path.join(out, "bench", task), exist_ok=True)
+        examples = [write_bench_example(out, task, i, seed, size) for i in range(count)]
+        for kind_index, kind in enumerate(BENCH_KINDS):
+            by_kind[kind] += [records[kind_index] for records in examples]
+    records = [record for kind in BENCH_KINDS for record in by_kind[kind]]
+    path = os.path.join(out, "bench.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(records, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path, len(records)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for train.json, val.json and the pictures")
@@ -225,7 +289,14 @@ def main(argv=None):
                         help="fraction of the training records that ask what the pictures show instead")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes drawing pictures (the records do not depend on it)")
+    parser.add_argument("--bench", type=int, metavar="N",
+                        help="write only OUT/bench.json, a LLaVA-Interleave Bench file: N examples per task family, "
+                             "each asked as trained, as lettered options and for a description (pictures in OUT/bench)")
     args = parser.parse_args(argv)
+    if args.bench is not None:
+        path, n = write_bench(args.out, args.bench, args.seed, args.size)
+        print(f"wrote {path}: {n} records")
+        return
     for split, count, perception in (("train", args.train, args.perception), ("val", args.val, 0.0)):
         path = write_split(args.out, split, count, args.seed, args.size, perception, args.workers)
         print(f"wrote {path}: {count} x {len(TASKS)} records")
