@@ -578,7 +578,7 @@ def get_lr(step, cfg):
 # A targeted linear y = x W^T + b keeps W and b frozen and gains two small trained matrices,
 # A (r, in) and B (out, r): y = x W^T + b + (alpha / r) (x A^T) B^T. B starts at zero, so before
 # the first step the model computes exactly what the base model does. Only A and B are trained:
-# at rank 64, 2.3% as many weights as the 7B decoder's matrices, and no gradient or AdamW state for
+# at rank 64, 2.5% as many weights as the 7B decoder's matrices, and no gradient or AdamW state for
 # the rest. The release's LoRA runs (LLaVA-NeXT's llava/train/train.py) use rank 64, alpha 16, and
 # every linear of the language model but lm_head as targets; their dropout (0.05) is left out
 # here. Everything else stays frozen (the projector too, which their runs train in full), so the
@@ -659,8 +659,9 @@ def add_lora(model, cfg, bf16_base):
             continue
         # the adapters take the weights' dtype (fp32); then the frozen weights may go to bf16
         adapted = LoRALinear(module, cfg.lora, cfg.lora_alpha)
-        if bf16_base:
-            adapted.weight.data = adapted.weight.data.to(torch.bfloat16)
+        frozen = [p for p in (adapted.weight, adapted.bias) if p is not None]
+        for p in frozen if bf16_base else []:
+            p.data = p.data.to(torch.bfloat16)
         setattr(model.decoder.get_submodule(parent), leaf, adapted)
     if cfg.resume:
         latest = os.path.join(cfg.out, "latest")
