@@ -435,6 +435,7 @@ def build_model(cfg, tokenizer, device, cuda, log):
         model = fresh_model(cfg.init, tokenizer, cfg.seed, cfg.pretrain_tower, log)
     else:
         model = interleave.load(checkpoint_source(cfg), dtype=torch.float32)
+    check_memory(model, cfg, device, log)
     return model.to(device).train().set_attention(cfg.attn or ("triton" if cuda else "sdpa"))
 
 
@@ -646,10 +647,13 @@ def check_lora_options(cfg):
                          "(torchrun without --fsdp replicates it with DDP)")
 
 
-def add_lora(model, cfg, bf16_base):
-    """Freeze the model and put an adapter (seeded by --seed) beside each --lora-targets linear of
-    the decoder; with `bf16_base` those linears' frozen weights go to bf16. With --resume, the
-    adapters are read back from OUT/latest. Returns the adapters' parameters: the trained ones."""
+def add_lora(model, cfg, params, bf16_base):
+    """The parameters to train: without --lora, `params`. With it, freeze the model and put an
+    adapter (seeded by --seed) beside each --lora-targets linear of the decoder; with `bf16_base`
+    those linears' frozen weights go to bf16; with --resume, read the adapters back from
+    OUT/latest; then the adapters' parameters are the trained ones."""
+    if not cfg.lora:
+        return params
     model.requires_grad_(False)
     targets = cfg.lora_targets.split(",")
     torch.manual_seed(cfg.seed)
@@ -887,9 +891,14 @@ def refusal(model, cfg, world, train_vision, bf16, capacity, where):
             f"{fix}; --grad-ckpt or a smaller --budget lowers the activations")
 
 
-def check_memory(model, cfg, world, train_vision, bf16, device, log):
-    """Print the memory plan; on a GPU, refuse (InputError) a run it says cannot fit in the GPU's
-    memory. On the CPU nothing is refused: RAM is shared with the loader processes and swap."""
+def check_memory(model, cfg, device, log):
+    """Print the memory plan of the run (the model still on the CPU); on a GPU, refuse
+    (InputError) a run it says cannot fit in the GPU's memory, before anything is put there. On
+    the CPU nothing is refused: RAM is shared with the loader processes, and swap."""
+    world = dist.get_world_size()
+    # as train() decides them
+    train_vision = cfg.init == "tiny" or cfg.train_vision
+    bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
     mode = "lora" if cfg.lora else "fsdp" if cfg.fsdp else "full"
     plan = memory_plan(model, mode, world, cfg, train_vision, bf16)
     log(plan_table(plan, mode, world), flush=True)
@@ -1349,9 +1358,7 @@ def train(cfg, cuda, rank, world):
     model = build_model(cfg, tokenizer, device, cuda, log)
     train_vision = cfg.init == "tiny" or cfg.train_vision
     params = trained_parameters(model, train_vision, cfg.grad_ckpt)
-    if cfg.lora:
-        params = add_lora(model, cfg, bf16_base=cuda and bf16)
-    check_memory(model, cfg, world, train_vision, bf16, device, log)
+    params = add_lora(model, cfg, params, bf16_base=cuda and bf16)
     optimizer = make_optimizer(params, cfg, cuda)
     wrapped = WithLoss(model, torch.bfloat16 if bf16 else torch.float32)
     # DDP; some parameters may get no gradient: image_newline in a step without multi-patch

@@ -55,7 +55,7 @@ def logits_of(model, data):
 def test_at_step_0_the_adapted_model_gives_the_base_models_logits_exactly(data):
     base = interleave.load(M4_TINY, dtype=torch.float32)
     adapted = interleave.load(M4_TINY, dtype=torch.float32)
-    trained = train.add_lora(adapted, train.Config(lora=8), bf16_base=False)
+    trained = train.add_lora(adapted, train.Config(lora=8), [], bf16_base=False)
     assert len(trained) == 2 * 7 * 4 and all(p.requires_grad for p in trained)   # A and B, 7 linears, 4 blocks
     assert not [name for name, p in adapted.named_parameters() if p.requires_grad and ".lora_" not in name]
     assert torch.equal(logits_of(adapted, data), logits_of(base, data))
@@ -63,7 +63,7 @@ def test_at_step_0_the_adapted_model_gives_the_base_models_logits_exactly(data):
 
 def test_on_a_gpu_the_targeted_frozen_weights_are_kept_in_bf16(data):
     model = interleave.load(M4_TINY, dtype=torch.float32)
-    train.add_lora(model, train.Config(lora=8, lora_targets="q_proj,down_proj"), bf16_base=True)
+    train.add_lora(model, train.Config(lora=8, lora_targets="q_proj,down_proj"), [], bf16_base=True)
     block = model.decoder.layers[0]
     assert block.self_attn.q_proj.weight.dtype == block.down_proj.weight.dtype == torch.bfloat16
     assert block.self_attn.q_proj.lora_A.weight.dtype == torch.float32   # the trained adapters stay fp32
@@ -124,7 +124,7 @@ def test_an_adapter_file_read_back_gives_pefts_logits():
     (tests/goldens/make_lora_golden.py). train.py's adapted model, the adapters read back, gives the same."""
     golden = load_file(golden_path("m4tiny", "golden.safetensors"))
     model = interleave.load(M4_TINY, dtype=torch.float64)
-    train.add_lora(model, train.Config(lora=4, lora_alpha=8), bf16_base=False)
+    train.add_lora(model, train.Config(lora=4, lora_alpha=8), [], bf16_base=False)
     train.read_adapter(golden_path("lora"), model)
     with torch.no_grad():
         logits = model.eval()(golden["input_ids"], golden["pixel_values"].double())
@@ -227,19 +227,21 @@ def test_a_plan_that_does_not_fit_the_gpu_is_refused_with_the_fix(monkeypatch):
     """Totals by hand (fp32, 64-token packs): full 29,067,776 bytes; LoRA at the release's rank 64 24,618,496; FSDP
     over w GPUs 25,397,760 / w + 7,256,320 (2: 19,955,200; 3: 15,722,240)."""
     model = interleave.load(M4_TINY, dtype=torch.float32)
-    cfg = train.Config(budget=64, bf16=False)
+    cfg = train.Config(init=M4_TINY, budget=64, bf16=False)
     assert train.memory_plan(model, "full", 1, cfg, False, False).total == 29_067_776
+    monkeypatch.setattr(train.dist, "get_world_size", lambda: 1)   # as in a run of one process
     gpu = types.SimpleNamespace(total_memory=25_000_000)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: gpu)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "a small GPU")
     lines = []
     with pytest.raises(interleave.InputError, match=r"0\.0 GiB of a small GPU: use --lora \(0\.0 GiB\) or --fsdp "
                                                     r"with >= 2 GPUs"):
-        train.check_memory(model, cfg, 1, False, False, torch.device("cuda"), lambda line, **_: lines.append(line))
+        train.check_memory(model, cfg, torch.device("cuda"), lambda line, **_: lines.append(line))
     assert "memory plan per GPU, full, 1 process" in lines[0]
     gpu.total_memory = 16_000_000   # LoRA at rank 64 no longer fits, FSDP needs 3
     with pytest.raises(interleave.InputError, match=r"GPU: use --fsdp with >= 3 GPUs;"):
-        train.check_memory(model, cfg, 1, False, False, torch.device("cuda"), train.no_log)
+        train.check_memory(model, cfg, torch.device("cuda"), train.no_log)
     gpu.total_memory = 30_000_000   # fits
-    train.check_memory(model, cfg, 1, False, False, torch.device("cuda"), train.no_log)
-    train.check_memory(model, cfg, 1, False, False, torch.device("cpu"), train.no_log)   # the CPU: never refused
+    train.check_memory(model, cfg, torch.device("cuda"), train.no_log)
+    gpu.total_memory = 1
+    train.check_memory(model, cfg, torch.device("cpu"), train.no_log)   # the CPU: never refused

@@ -37,7 +37,7 @@ pixels = inputs["pixel_values"].double()
 # ---- ours: random adapters (B nonzero, or the test would be trivial), written in PEFT's layout
 ours = interleave.load(MODEL, dtype=torch.float64)
 cfg = train.Config(lora=4, lora_alpha=8, seed=0)
-adapters = train.add_lora(ours, cfg, bf16_base=False)
+adapters = train.add_lora(ours, cfg, [], bf16_base=False)
 generator = torch.Generator().manual_seed(0)
 with torch.no_grad():
     for p in adapters:
