@@ -590,8 +590,8 @@ def get_lr(step, cfg):
 # Export: every checkpoint holds the merged model (W + (alpha / r) B A, the usual layout) and, in
 # its subfolder adapter/, the adapters alone in PEFT's layout (adapter_config.json,
 # adapter_model.safetensors) under the names PEFT gives them in transformers'
-# LlavaForConditionalGeneration: PeftModel.from_pretrained(base, "FOLDER/adapter"). --resume rebuilds the base from
-# --init and reads the adapters back from OUT/latest.
+# LlavaForConditionalGeneration: PeftModel.from_pretrained(model, "FOLDER/adapter") reads them.
+# --resume rebuilds the base from --init and reads the adapters back from OUT/latest.
 
 # In a subfolder: transformers, when peft is installed, applies an adapter_config.json it finds
 # beside a model's files when it loads them, and would add the adapters to the merged weights again.
@@ -663,9 +663,10 @@ def add_lora(model, cfg, params, bf16_base):
             continue
         # the adapters take the weights' dtype (fp32); then the frozen weights may go to bf16
         adapted = LoRALinear(module, cfg.lora, cfg.lora_alpha)
-        frozen = [p for p in (adapted.weight, adapted.bias) if p is not None]
-        for p in frozen if bf16_base else []:
-            p.data = p.data.to(torch.bfloat16)
+        if bf16_base:
+            adapted.weight.data = adapted.weight.data.to(torch.bfloat16)
+        if bf16_base and adapted.bias is not None:
+            adapted.bias.data = adapted.bias.data.to(torch.bfloat16)
         setattr(model.decoder.get_submodule(parent), leaf, adapted)
     if cfg.resume:
         latest = os.path.join(cfg.out, "latest")
@@ -693,7 +694,7 @@ def peft_key(name):
     linear, _, part = name.partition(".lora_")   # "decoder.layers.0.gate_proj", "A.weight"
     # the hub's name: language_model.model.layers.0.mlp.gate_proj.weight
     module = hub_key(linear + ".weight").removesuffix(".weight")
-    # transformers (since 4.52) nests the decoder as model.language_model
+    # transformers' module names (those of 5.24, checked with peft) nest it as model.language_model
     module = module.replace("language_model.model.", "model.language_model.", 1)
     return f"base_model.model.{module}.lora_{part}"
 
@@ -760,7 +761,6 @@ def read_adapter(folder, model):
 # Not counted: the CUDA context, the allocator's fragmentation, the loader processes.
 
 GIB = 2 ** 30
-MODES = ("full", "lora", "fsdp")
 
 
 @dataclass
