@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -90,6 +90,12 @@ class Config:
                               least=0)
     train_vision: bool = opt(False, "fine-tuning: train the vision tower too (from scratch it always is)")
     grad_ckpt: bool = opt(False, "activation checkpointing: recompute each block in the backward pass")
+    lora: int = opt(0, "LoRA rank: train low-rank adapters beside the frozen decoder linears "
+                    "(the release's LoRA runs: 64); 0: off, train the weights themselves", least=0)
+    lora_alpha: int = opt(16, "LoRA: the adapters' update is scaled by alpha / rank (release: 16)",
+                          least=1)
+    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                            "LoRA: the decoder linears that get adapters, comma-separated")
     bf16: bool = opt(None, "bf16 autocast (default: on a GPU)")
     attn: str = opt("", "plain, sdpa or triton (default: triton on a GPU, else sdpa)")
     seed: int = opt(0, "seeds the weights, the data order and the synthetic data", least=0, most=2**63 - 1)
@@ -100,6 +106,7 @@ class Config:
     resume: bool = opt(False, "continue from OUT/latest: model, optimizer, schedule, step, data position, RNG")
     export: str = opt("", "also write the final model, without optimizer state, to this folder")
     loss_on: str = opt("release", "labels (docs/MODEL.md §5): 'release', as the release trains, or 'replies' only")
+    fsdp: bool = opt(False, "shard weights, gradients and optimizer state over the torchrun processes (FSDP2)")
 
 
 def check_options(cfg):
@@ -123,6 +130,7 @@ def check_options(cfg):
     if not (cfg.resume or cfg.init in PRESETS or os.path.isdir(cfg.init)):
         raise InputError(f"--init {cfg.init}: neither a preset ({', '.join(PRESETS)}) "
                          "nor a checkpoint folder")
+    check_lora_options(cfg)
 
 
 def checkpoints(out):
@@ -398,8 +406,9 @@ def fresh_model(preset, tokenizer, seed, tower_steps=0, log=print):
 
 
 def checkpoint_source(cfg):
-    """The checkpoint folder the run starts from: OUT/latest with --resume, else --init's folder."""
-    return os.path.join(cfg.out, "latest") if cfg.resume else cfg.init
+    """The checkpoint folder the run starts from: OUT/latest with --resume, else --init's folder
+    (a LoRA run resumes from its base, --init, and the adapters in OUT/latest)."""
+    return os.path.join(cfg.out, "latest") if cfg.resume and not cfg.lora else cfg.init
 
 
 def build_tokenizer(cfg, records):
@@ -426,6 +435,7 @@ def build_model(cfg, tokenizer, device, cuda, log):
         model = fresh_model(cfg.init, tokenizer, cfg.seed, cfg.pretrain_tower, log)
     else:
         model = interleave.load(checkpoint_source(cfg), dtype=torch.float32)
+    check_memory(model, cfg, device, log)
     return model.to(device).train().set_attention(cfg.attn or ("triton" if cuda else "sdpa"))
 
 
@@ -564,6 +574,342 @@ def get_lr(step, cfg):
     return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
+# ==== LoRA: low-rank adapters beside the frozen decoder linears (Hu et al., arXiv 2106.09685)
+#
+# A targeted linear y = x W^T + b keeps W and b frozen and gains two small trained matrices,
+# A (r, in) and B (out, r): y = x W^T + b + (alpha / r) (x A^T) B^T. B starts at zero, so before
+# the first step the model computes exactly what the base model does. Only A and B are trained:
+# at rank 64, 2.5% as many weights as the 7B decoder's matrices, and no gradient or AdamW state for
+# the rest. The release's LoRA runs (LLaVA-NeXT's llava/train/train.py) use rank 64, alpha 16, and
+# every linear of the language model but lm_head as targets; their dropout (0.05) is left out
+# here. Everything else stays frozen (the projector too, which their runs train in full), so the
+# adapter file is the whole fine-tune; --train-vision is refused. On a GPU the frozen weights of
+# the targeted linears, most of the model, are kept in bf16; the rest (embedding, lm_head, tower,
+# projector) stays fp32, as the evaluation runs without autocast.
+#
+# Export: every checkpoint holds the merged model (W + (alpha / r) B A, the usual layout) and, in
+# its subfolder adapter/, the adapters alone in PEFT's layout (adapter_config.json,
+# adapter_model.safetensors) under the names PEFT gives them in transformers'
+# LlavaForConditionalGeneration: PeftModel.from_pretrained(model, "FOLDER/adapter") reads them.
+# --resume rebuilds the base from --init and reads the adapters back from OUT/latest.
+
+# In a subfolder: transformers, when peft is installed, applies an adapter_config.json it finds
+# beside a model's files when it loads them, and would add the adapters to the merged weights again.
+ADAPTER = "adapter"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class LoRALinear(torch.nn.Module):
+    """A frozen linear (its weight and bias, the same Parameters) plus a trained low-rank update:
+    y = x W^T + b + (alpha / rank) (x A^T) B^T, with B zero at first."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.weight = base.weight
+        self.bias = base.bias
+        self.alpha = alpha
+        self.scale = alpha / rank
+        where = dict(device=base.weight.device, dtype=base.weight.dtype)
+        # PEFT's names; A keeps nn.Linear's initialisation (Kaiming uniform), as in PEFT
+        self.lora_A = torch.nn.Linear(base.in_features, rank, bias=False, **where)
+        self.lora_B = torch.nn.Linear(rank, base.out_features, bias=False, **where)
+        torch.nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):
+        # the frozen path in its weights' dtype (bf16 on a GPU), the adapters' in theirs (fp32)
+        y = F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+        update = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)))
+        return y + self.scale * update.to(x.dtype)
+
+    def merged_weight(self):
+        """W + (alpha / rank) B A, in fp32: the one matrix this module applies."""
+        delta = self.lora_B.weight.float() @ self.lora_A.weight.float()   # (out, in)
+        return self.weight.float() + self.scale * delta
+
+
+def check_lora_options(cfg):
+    """Raise InputError, one line, for LoRA options that cannot work together."""
+    if not cfg.lora:
+        return
+    wrong = set(cfg.lora_targets.split(",")) - set(Config.lora_targets.split(","))
+    if wrong or not cfg.lora_targets:
+        raise InputError(f"--lora-targets {cfg.lora_targets!r}: choose among "
+                         f"{Config.lora_targets} (comma-separated)")
+    if cfg.init in PRESETS or not os.path.isdir(cfg.init):
+        raise InputError(f"--lora adapts a trained model: give --init a checkpoint folder, not "
+                         f"{cfg.init!r} (with --resume too: the base the run started from)")
+    if cfg.train_vision:
+        raise InputError("--lora trains the adapters only: drop --train-vision, or fine-tune "
+                         "without --lora")
+    if cfg.fsdp:
+        raise InputError("--lora and --fsdp together are not supported: LoRA fits one GPU "
+                         "(torchrun without --fsdp replicates it with DDP)")
+
+
+def add_lora(model, cfg, params, bf16_base):
+    """The parameters to train: without --lora, `params`. With it, freeze the model and put an
+    adapter (seeded by --seed) beside each --lora-targets linear of the decoder; with `bf16_base`
+    those linears' frozen weights go to bf16; with --resume, read the adapters back from
+    OUT/latest; then the adapters' parameters are the trained ones."""
+    if not cfg.lora:
+        return params
+    model.requires_grad_(False)
+    targets = cfg.lora_targets.split(",")
+    torch.manual_seed(cfg.seed)
+    for name, module in list(model.decoder.named_modules()):
+        parent, _, leaf = name.rpartition(".")
+        if leaf not in targets or not isinstance(module, torch.nn.Linear):
+            continue
+        # the adapters take the weights' dtype (fp32); then the frozen weights may go to bf16
+        adapted = LoRALinear(module, cfg.lora, cfg.lora_alpha)
+        if bf16_base:
+            adapted.weight.data = adapted.weight.data.to(torch.bfloat16)
+        if bf16_base and adapted.bias is not None:
+            adapted.bias.data = adapted.bias.data.to(torch.bfloat16)
+        setattr(model.decoder.get_submodule(parent), leaf, adapted)
+    if cfg.resume:
+        latest = os.path.join(cfg.out, "latest")
+        check_lora_resume(latest, cfg)
+        read_adapter(os.path.join(latest, ADAPTER), model)
+    return [p for name, p in model.named_parameters() if ".lora_" in name]
+
+
+def merged_state_dict(model):
+    """model.state_dict() with each adapter merged into its linear's weight (fp32) and the
+    adapters' own tensors left out: the state dict of the base model's shape."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            state[name + ".weight"] = module.merged_weight()
+            del state[name + ".lora_A.weight"]
+            del state[name + ".lora_B.weight"]
+    return state
+
+
+def peft_key(name):
+    """Our adapter parameter's name -> PEFT's in transformers' LlavaForConditionalGeneration:
+    decoder.layers.0.gate_proj.lora_A.weight ->
+    base_model.model.model.language_model.layers.0.mlp.gate_proj.lora_A.weight."""
+    linear, _, part = name.partition(".lora_")   # "decoder.layers.0.gate_proj", "A.weight"
+    # the hub's name: language_model.model.layers.0.mlp.gate_proj.weight
+    module = hub_key(linear + ".weight").removesuffix(".weight")
+    # transformers' module names (those of 5.24, checked with peft) nest it as model.language_model
+    module = module.replace("language_model.model.", "model.language_model.", 1)
+    return f"base_model.model.{module}.lora_{part}"
+
+
+def write_adapter(folder, model):
+    """A LoRA model's adapters alone, in PEFT's layout: adapter_model.safetensors (fp32) and
+    adapter_config.json, each atomically; nothing for a model without adapters."""
+    adapters = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not adapters:
+        return
+    tensors = {}
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            tensors[peft_key(name)] = p.detach().float().contiguous().cpu()
+    first = next(iter(adapters.values()))
+    targets = sorted({name.rpartition(".")[2] for name in adapters})
+    # a pattern, not a list of names: the tower's q_proj, k_proj, v_proj are not targets
+    pattern = rf".*language_model.*\.({'|'.join(targets)})"
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
+              "r": first.lora_A.out_features, "lora_alpha": first.alpha, "lora_dropout": 0.0,
+              "target_modules": pattern, "bias": "none", "fan_in_fan_out": False,
+              "modules_to_save": None, "init_lora_weights": True, "inference_mode": True}
+    text = json.dumps(config, indent=2)
+    os.makedirs(folder, exist_ok=True)
+    atomic(os.path.join(folder, ADAPTER_WEIGHTS),
+           lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic(os.path.join(folder, ADAPTER_CONFIG), lambda tmp: pathlib.Path(tmp).write_text(text))
+
+
+def check_lora_resume(folder, cfg):
+    """Raise CheckpointError when the run that wrote `folder` had another base or rank."""
+    try:
+        written = json.loads(pathlib.Path(folder, STATE_JSON).read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot read the trainer state of {folder} ({e!r:.200})") from None
+    if written.get("init") != cfg.init or written.get("lora") != cfg.lora:
+        raise CheckpointError(f"{folder} was written by a run with --init {written.get('init')} "
+                              f"--lora {written.get('lora')}: resume with those")
+
+
+def read_adapter(folder, model):
+    """Copy the adapters that write_adapter wrote into `folder` into the model's (adapted alike).
+    CheckpointError for a file that is missing or lacks one of them."""
+    try:
+        tensors = load_file(os.path.join(folder, ADAPTER_WEIGHTS))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"cannot read the LoRA adapters of {folder} ({e!r:.200})") from None
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" not in name:
+                continue
+            stored = tensors.get(peft_key(name))
+            if stored is None or stored.shape != p.shape:
+                raise CheckpointError(f"{folder}: no adapter {peft_key(name)} of shape "
+                                      f"{list(p.shape)}; resume with the --lora-targets it had")
+            p.copy_(stored)
+
+
+# ==== Memory plan: the bytes per GPU of a run, printed before step 1, a run that cannot fit refused
+#
+# Counted from the parameters' shapes alone (a model on the meta device will do): weights,
+# gradients and AdamW's two moments, each for what this mode keeps on one GPU, and an estimate of
+# the activations of one pack of --budget tokens (the packs of a step run one after another).
+# Not counted: the CUDA context, the allocator's fragmentation, the loader processes.
+
+GIB = 2 ** 30
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per GPU, by what they hold."""
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self):
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def linear_sites(model, targets):
+    """(in, out) of each decoder linear named in `targets` (LoRA's sites, adapted or not yet)."""
+    sites = []
+    for name, module in model.decoder.named_modules():
+        if name.rpartition(".")[2] in targets and hasattr(module, "weight"):
+            out_features, in_features = module.weight.shape
+            sites.append((in_features, out_features))
+    return sites
+
+
+def activation_bytes(c, tokens, grad_ckpt, act, train_vision):
+    """An estimate of what the backward pass keeps of one pack of `tokens` tokens (`act`: 2 bytes
+    in bf16, else 4): per decoder block and token, the two norms' inputs and outputs, q, k, v, the
+    attention's output, the MLP's gate, up, SiLU and product (and the norms' fp32 copies in bf16);
+    with grad_ckpt only each block's input, plus one block recomputed. Then the head's logits (bf16,
+    their fp32 copy, the softmax's) at every token, and with train_vision the tower's blocks alike
+    for the views the pack could hold."""
+    t = c.text
+    kv = t.kv_heads * t.head_dim
+    fp32_copies = 2 * 4 * t.hidden if act == 2 else 0
+    per_token = act * (6 * t.hidden + 2 * kv + 4 * t.intermediate) + fp32_copies
+    if grad_ckpt:
+        decoder = tokens * (t.layers * act * t.hidden + per_token)
+    else:
+        decoder = tokens * t.layers * per_token
+    head = tokens * t.vocab * (act + 4 + 4)
+    tower = 0
+    if train_vision:
+        v = c.vision
+        views = -(-tokens // v.tokens)
+        per_view_token = act * (6 * v.hidden + 2 * v.intermediate)
+        tower = views * v.tokens * v.layers * per_view_token
+    return decoder + head + tower
+
+
+def memory_plan(model, mode, world, cfg, train_vision, bf16):
+    """The MemoryPlan per GPU of training `model` (its shapes: any device, LoRA adapters added or
+    not) in `mode` (full, lora or fsdp) over `world` processes, with cfg's --lora, --lora-targets,
+    --budget and --grad-ckpt. Full: fp32 weights, gradients and AdamW moments of the trained ones
+    (the tower only with train_vision), and under bf16 autocast the bf16 copies of the trained
+    matrices it keeps for the backward pass. LoRA: the same for the adapters; the targeted frozen
+    weights in bf16 (with bf16), the rest fp32. FSDP: the fp32 state divided by world, plus the
+    bf16 weights of the units gathered at once (the root's, two blocks'). DDP (world > 1, not FSDP)
+    keeps its gradient buckets: one more copy of the gradients."""
+    params = {name: p.numel() for name, p in model.named_parameters() if ".lora_" not in name}
+    everything = sum(params.values())
+    trained = sum(n for name, n in params.items()
+                  if train_vision or not name.startswith("vision."))
+    # the decoder's, the projector's and the head's matrices (the embedding is a lookup)
+    in_blocks = [p for name, p in model.named_parameters() if ".lora_" not in name
+                 and p.dim() > 1 and name.startswith(("decoder.layers", "projector"))]
+    matrices = sum(p.numel() for p in in_blocks) + model.lm_head.weight.numel()
+    act = 2 if bf16 else 4
+    activations = activation_bytes(model.config, cfg.budget, cfg.grad_ckpt, act, train_vision)
+    # ---- LoRA: fp32 adapters; the targeted weights in bf16 with bf16; the head copied to bf16
+    if mode == "lora":
+        sites = linear_sites(model, cfg.lora_targets.split(","))
+        adapters = sum(cfg.lora * (i + o) for i, o in sites)
+        targeted = sum(i * o for i, o in sites)
+        weights = 4 * (everything - targeted) + act * targeted + 4 * adapters
+        buckets = 4 * adapters if world > 1 else 0
+        head = 2 * model.lm_head.weight.numel() if bf16 else 0
+        return MemoryPlan(weights, 4 * adapters + buckets, 8 * adapters, activations + head)
+    # ---- full and FSDP: under autocast, bf16 copies of the trained matrices live until backward
+    copies = 2 * matrices if bf16 else 0
+    if mode == "full":
+        buckets = 4 * trained if world > 1 else 0
+        return MemoryPlan(4 * everything, 4 * trained + buckets, 8 * trained, activations + copies)
+    blocks = [sum(p.numel() for p in b.parameters()) for b in [*model.decoder.layers,
+                                                              *model.vision.layers]]
+    root = everything - sum(blocks)
+    gathered = act * (root + 2 * max(blocks))
+    return MemoryPlan(-(-4 * everything // world) + gathered, -(-4 * trained // world),
+                      -(-8 * trained // world), activations)
+
+
+def plan_table(plan, mode, world):
+    """The plan as the lines of the log: GiB per row, and the total."""
+    rows = [("weights", plan.weights), ("gradients", plan.gradients),
+            ("optimizer (AdamW)", plan.optimizer), ("activations (estimate)", plan.activations),
+            ("total", plan.total)]
+    lines = [f"memory plan per GPU, {mode}, {world} process{'es' if world > 1 else ''}:"]
+    for label, size in rows:
+        lines.append(f"  {label:<24}{size / GIB:8.2f} GiB")
+    return "\n".join(lines)
+
+
+def fewest_gpus(model, cfg, train_vision, bf16, capacity, most=1024):
+    """The fewest processes over which FSDP fits in `capacity` bytes per GPU, or None."""
+    for world in range(2, most + 1):
+        if memory_plan(model, "fsdp", world, cfg, train_vision, bf16).total <= capacity:
+            return world
+    return None
+
+
+def refusal(model, cfg, world, train_vision, bf16, capacity, where):
+    """The one-line InputError message for a plan that does not fit in `capacity` bytes: what it
+    needs, and the fix (--lora, or --fsdp over enough GPUs)."""
+    mode = "lora" if cfg.lora else "fsdp" if cfg.fsdp else "full"
+    need = memory_plan(model, mode, world, cfg, train_vision, bf16).total
+    fixes = []
+    # the release's rank when none is given
+    lora_cfg = replace(cfg, lora=cfg.lora or 64)
+    lora = memory_plan(model, "lora", 1, lora_cfg, train_vision, bf16).total
+    if mode != "lora" and lora <= capacity:
+        fixes.append(f"--lora ({lora / GIB:.1f} GiB)")
+    gpus = fewest_gpus(model, cfg, train_vision, bf16, capacity)
+    if gpus is not None:
+        fixes.append(f"--fsdp with >= {gpus} GPUs")
+    fix = "use " + " or ".join(fixes) if fixes else "no mode fits: use a GPU with more memory"
+    return (f"the memory plan ({mode}, {world} process{'es' if world > 1 else ''}) needs "
+            f"{need / GIB:.1f} GiB per GPU, more than the {capacity / GIB:.1f} GiB of {where}: "
+            f"{fix}; --grad-ckpt or a smaller --budget lowers the activations")
+
+
+def check_memory(model, cfg, device, log):
+    """Print the memory plan of the run (the model still on the CPU); on a GPU, refuse
+    (InputError) a run it says cannot fit in the GPU's memory, before anything is put there. On
+    the CPU nothing is refused: RAM is shared with the loader processes, and swap."""
+    world = dist.get_world_size()
+    # as train() decides them
+    train_vision = cfg.init == "tiny" or cfg.train_vision
+    bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
+    mode = "lora" if cfg.lora else "fsdp" if cfg.fsdp else "full"
+    plan = memory_plan(model, mode, world, cfg, train_vision, bf16)
+    log(plan_table(plan, mode, world), flush=True)
+    if device.type != "cuda":
+        return
+    capacity = torch.cuda.get_device_properties(device).total_memory
+    if plan.total > capacity:
+        where = torch.cuda.get_device_name(device)
+        raise InputError(refusal(model, cfg, world, train_vision, bf16, capacity, where))
+
+
 # ==== Checkpoints: the llava-hf layout, the hub's key names
 
 def hf_config(c):
@@ -608,13 +954,14 @@ def atomic(path, write):
 
 
 def write_model(folder, model, tokenizer, trainer_state=None):
-    """config.json, model.safetensors (fp32), tokenizer.json, generation_config.json, each written
-    atomically; the trainer state too when given one (write_trainer_state)."""
+    """config.json, model.safetensors (fp32; LoRA adapters merged in), tokenizer.json,
+    generation_config.json, each written atomically; a LoRA model's adapters alone in adapter/
+    (write_adapter); the trainer state too when given one (write_trainer_state)."""
     os.makedirs(folder, exist_ok=True)
     # tied embeddings: then the hub's files have no lm_head (docs/MODEL.md §1)
     tied = model.config.text.tie_embeddings
     tensors = {}
-    for k, t in model.state_dict().items():
+    for k, t in merged_state_dict(model).items():
         if not (tied and k == "lm_head.weight"):
             tensors[hub_key(k)] = t.detach().float().contiguous().cpu()
     atomic(os.path.join(folder, "model.safetensors"),
@@ -627,6 +974,7 @@ def write_model(folder, model, tokenizer, trainer_state=None):
         text = json.dumps(obj, indent=2)
         atomic(os.path.join(folder, name), lambda tmp: pathlib.Path(tmp).write_text(text))
     atomic(os.path.join(folder, "tokenizer.json"), tokenizer.save)
+    write_adapter(os.path.join(folder, ADAPTER), model)
     if trainer_state is not None:
         write_trainer_state(folder, trainer_state)
 
@@ -1010,6 +1358,7 @@ def train(cfg, cuda, rank, world):
     model = build_model(cfg, tokenizer, device, cuda, log)
     train_vision = cfg.init == "tiny" or cfg.train_vision
     params = trained_parameters(model, train_vision, cfg.grad_ckpt)
+    params = add_lora(model, cfg, params, bf16_base=cuda and bf16)
     optimizer = make_optimizer(params, cfg, cuda)
     wrapped = WithLoss(model, torch.bfloat16 if bf16 else torch.float32)
     # DDP; some parameters may get no gradient: image_newline in a step without multi-patch
