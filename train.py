@@ -1254,10 +1254,9 @@ def train(cfg, cuda, rank, world):
             if step + 1 < cfg.steps:
                 upcoming = submit_batch(pool, records, cfg, position, rank, world)
             packs = pack_batch(samples, cfg.budget)
-            if cfg.fsdp:
-                packs = even_packs(packs, device)
             # ---- forward and backward, then clip the gradient norm at 1
-            loss, labelled = forward_backward(wrapped, packs, device, world, bf16)
+            run = even_packs(packs, device) if cfg.fsdp else packs
+            loss, labelled = forward_backward(wrapped, run, device, world, bf16)
             if cfg.fsdp:
                 drop_unused_gradients(model, packs, device)
             unusable = 0 if labelled else unusable + cfg.batch
