@@ -764,6 +764,20 @@ class WithLoss(torch.nn.Module):
         return F.cross_entropy(logits, labels[1:][keep], reduction="sum")
 
 
+def wrap_model(cfg, model, train_vision, device, bf16, world):
+    """(The model with its loss, as this process runs it; the trained parameters; their AdamW):
+    FSDP2 with --fsdp (which replaces each parameter by its slice), else DDP over several
+    processes."""
+    params = trained_parameters(model, train_vision, cfg.grad_ckpt)
+    wrapped = WithLoss(model, torch.bfloat16 if bf16 else torch.float32)
+    if cfg.fsdp:
+        wrapped, params = shard_model(model, device, bf16)
+    # DDP: some parameters may get no gradient: image_newline in a step without multi-patch
+    elif world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, find_unused_parameters=True)
+    return wrapped, params, make_optimizer(params, cfg, device.type == "cuda")
+
+
 def forward_backward(wrapped, packs, device, world, bf16):
     """Accumulate, pack by pack, the gradients of the step's mean loss per labelled token over all
     processes' packs; return that mean loss and the count of labelled tokens (each the same on
@@ -1019,6 +1033,14 @@ def even_packs(packs, device):
     return packs + [empty_pack() for _ in range(int(most) - len(packs))]
 
 
+def sharded_forward_backward(wrapped, packs, device, world, bf16):
+    """forward_backward with --fsdp: as many packs as the process with the most; then the zero
+    gradients of what no process used dropped."""
+    loss, labelled = forward_backward(wrapped, even_packs(packs, device), device, world, bf16)
+    drop_unused_gradients(wrapped.model, packs, device)
+    return loss, labelled
+
+
 def drop_unused_gradients(model, packs, device):
     """After the backward: None again for the zero gradients of what no process used in the step
     (the tower and projector with no image, image_newline with no multi-patch image)."""
@@ -1199,10 +1221,13 @@ def loader_processes(run):
         pool.shutdown(cancel_futures=True)
 
 
-def finish(cfg, model, tokenizer, val, history, evals, skip, device, step, log):
-    """The end of the run (rank 0): the exported model first, as the last checkpoint already is,
-    so that nothing after can lose it; then the evaluation on every held-out record, the loss
-    curve."""
+def finish(cfg, model, tokenizer, val, history, evals, skip, device, step, log, rank):
+    """The end of the run (every process: --fsdp gathers the model on rank 0; then rank 0 alone):
+    the exported model first, as the last checkpoint already is, so that nothing after can lose
+    it; then the evaluation on every held-out record, the loss curve."""
+    model = gathered_model(model, cfg, rank, device)
+    if rank != 0:
+        return
     if cfg.export:
         write_model(cfg.export, model, tokenizer)
     if val:
@@ -1227,15 +1252,7 @@ def train(cfg, cuda, rank, world):
     check_budget(cfg.budget, tokenizer)
     model = build_model(cfg, tokenizer, device, cuda, log)
     train_vision = cfg.init == "tiny" or cfg.train_vision
-    params = trained_parameters(model, train_vision, cfg.grad_ckpt)
-    wrapped = WithLoss(model, torch.bfloat16 if bf16 else torch.float32)
-    # FSDP2 replaces each parameter by its slice; else DDP, where some parameters may get no
-    # gradient: image_newline in a step without multi-patch
-    if cfg.fsdp:
-        wrapped, params = shard_model(model, device, bf16)
-    elif world > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, find_unused_parameters=True)
-    optimizer = make_optimizer(params, cfg, cuda)
+    wrapped, params, optimizer = wrap_model(cfg, model, train_vision, device, bf16, world)
     # ---- resume (or start): step, data position, curves, optimizer moments, random generators
     step, position, history, evals = resume(cfg, wrapped, optimizer, device, cuda)
     weights = sum(p.numel() for p in params)
@@ -1255,15 +1272,11 @@ def train(cfg, cuda, rank, world):
                 upcoming = submit_batch(pool, records, cfg, position, rank, world)
             packs = pack_batch(samples, cfg.budget)
             # ---- forward and backward, then clip the gradient norm at 1
-            run = even_packs(packs, device) if cfg.fsdp else packs
-            loss, labelled = forward_backward(wrapped, run, device, world, bf16)
-            if cfg.fsdp:
-                drop_unused_gradients(model, packs, device)
+            backward = sharded_forward_backward if cfg.fsdp else forward_backward
+            loss, labelled = backward(wrapped, packs, device, world, bf16)
             unusable = 0 if labelled else unusable + cfg.batch
             stop_if_nothing_to_learn(step, unusable, len(records), skip, cfg.budget)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            if cfg.fsdp:
-                grad_norm = grad_norm.full_tensor()   # a DTensor: the same on every process
             stop_if_not_finite(step, loss, grad_norm, cfg.out)
             # ---- step
             for group in optimizer.param_groups:
@@ -1278,7 +1291,7 @@ def train(cfg, cuda, rank, world):
             if step % 10 == 0 or step == cfg.steps:
                 speed = meter.summary(device, world, cfg.steps - step)
                 log(f"step {step}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                    f"grad norm {grad_norm:.2f} | {speed} | skipped {len(skip.reasons)}", flush=True)
+                    f"grad norm {float(grad_norm):.2f} | {speed} | skipped {len(skip.reasons)}", flush=True)
                 meter = Throughput()
             # ---- evaluate on 200 held-out records (rank 0); on all of them after the last step
             evaluating = cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps
@@ -1287,20 +1300,16 @@ def train(cfg, cuda, rank, world):
                 if rank == 0:
                     evals.append(evaluate(whole, val[:200], cfg, tokenizer, skip, device, step, log))
             # ---- checkpoint (rank 0, or with --fsdp each its shards): what resume reads back
-            saving = cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps)
-            progress = (step, position, history, evals)
-            if saving and cfg.fsdp:
-                state = trainer_state(progress, optimizer, cfg, device, cuda)
-                save_sharded_checkpoint(cfg.out, step, wrapped, optimizer, tokenizer, state, rank)
-            elif saving and rank == 0:
-                state = trainer_state(progress, optimizer, cfg, device, cuda)
-                save_checkpoint(cfg.out, step, model, tokenizer, state)
+            if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
+                state = trainer_state((step, position, history, evals), optimizer, cfg, device, cuda)
+                if cfg.fsdp:
+                    save_sharded_checkpoint(cfg.out, step, wrapped, optimizer, tokenizer, state, rank)
+                elif rank == 0:
+                    save_checkpoint(cfg.out, step, model, tokenizer, state)
             dist.barrier()
 
     # ---- the end (rank 0): the exported model, then evaluation on every held-out record
-    whole = gathered_model(model, cfg, rank, device)
-    if rank == 0:
-        finish(cfg, whole, tokenizer, val, history, evals, skip, device, step, log)
+    finish(cfg, model, tokenizer, val, history, evals, skip, device, step, log, rank)
     skipped = len(skip.reasons)
     log(f"done: {step} steps in {(time.time() - started) / 60:.1f} min, {skipped} records skipped")
     return {"model": model, "tokenizer": tokenizer, "history": history, "evals": evals,
