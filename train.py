@@ -3,11 +3,13 @@
     python train.py --init tiny --synthetic 4000 --pretrain-tower 2500 --loss-on replies --out out/tiny  # as m4-tiny
     python train.py --init PATH --data m4.json --image-folder IMAGES --val val.json --out out/ft   # fine-tune
     torchrun --nproc_per_node 8 train.py ...      # the same run on 8 GPUs (DDP); --batch stays the global batch
+    torchrun --nproc_per_node 8 train.py --fsdp ...   # the same, each GPU holding 1/8 of the model (FSDP2)
 
 Checkpoints: llava-hf layout, hub key names (docs/MODEL.md §2), plus a top-level tensor `image_newline`
 (multi-patch needs it; that layout has none): interleave.load reads it, transformers'
 LlavaForConditionalGeneration ignores it (same logits). What --resume needs besides is in
-trainer_state.json and trainer_state.safetensors: never a pickle, which could run code when read.
+trainer_state.json and trainer_state.safetensors: never a pickle, which could run code when read
+(with --fsdp, the weights are in shards/, whose pickled table of contents is read with care: Sharding).
 """
 import argparse
 import codecs
