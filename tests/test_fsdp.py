@@ -125,6 +125,16 @@ def test_fsdp_resume_is_bit_exact(runs):
         assert torch.equal(value, again[name]), name
 
 
+def test_an_fsdp_checkpoint_resumes_on_another_process_count(runs, data, tmp_path):
+    """The 2 processes' step-5 checkpoint resumed on one (torch.distributed.checkpoint re-cuts the shards): the
+    losses of the run that went on with 2, to float rounding (see test_fsdp_losses_equal_one_process)."""
+    _, fsdp, _ = runs
+    shutil.copytree(fsdp / "step-000005", tmp_path / "step-000005")
+    os.symlink("step-000005", tmp_path / "latest")
+    result = train.main(args(data, tmp_path, "--fsdp", "--save-every", 5, "--resume"))
+    assert [loss for _, loss in result["history"]] == pytest.approx(losses(fsdp), rel=1e-5)
+
+
 class Runs:
     """A pickled object that would run a command when unpickled."""
 
