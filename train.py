@@ -771,9 +771,10 @@ def wrap_model(cfg, model, train_vision, device, bf16, world):
     FSDP2 with --fsdp (which replaces each parameter by its slice), else DDP over several
     processes."""
     params = trained_parameters(model, train_vision, cfg.grad_ckpt)
-    wrapped = WithLoss(model, torch.bfloat16 if bf16 else torch.float32)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    wrapped = EveryUnitWithLoss(model, dtype) if cfg.fsdp else WithLoss(model, dtype)
     if cfg.fsdp:
-        wrapped, params = shard_model(model, device, bf16)
+        params = shard_model(wrapped, device, bf16)
     # DDP: some parameters may get no gradient: image_newline in a step without multi-patch
     elif world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, find_unused_parameters=True)
@@ -1013,19 +1014,19 @@ class EveryUnitWithLoss(WithLoss):
         return loss + 0 * unused
 
 
-def shard_model(model, device, bf16):
-    """(EveryUnitWithLoss of `model`, fully sharded; its trained parameters, now DTensors): each
-    vision and each decoder block a unit, then the root. bf16: the gathered weights are bf16, the
-    gradients are reduced in fp32 (the weights, their slices and AdamW stay fp32)."""
+def shard_model(wrapped, device, bf16):
+    """Shard `wrapped` (an EveryUnitWithLoss) in place: each vision and each decoder block a unit,
+    then the root; return its trained parameters, now DTensors. bf16: the gathered weights are
+    bf16, the gradients are reduced in fp32 (the weights' slices and AdamW stay fp32)."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy()
     if bf16:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    wrapped = EveryUnitWithLoss(model, torch.bfloat16 if bf16 else torch.float32)
+    model = wrapped.model
     for block in [*model.vision.layers, *model.decoder.layers]:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(wrapped, mesh=mesh, mp_policy=policy)
-    return wrapped, [p for p in model.parameters() if p.requires_grad]
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def even_packs(packs, device):
@@ -1147,7 +1148,9 @@ def unfilled_model(folder):
     of contents (how many vision layers; image_newline or not), with uninitialized weights."""
     config = interleave.read_config(folder)
     stored = ShardReader(os.path.join(folder, SHARDS)).read_metadata().state_dict_metadata
-    config.vision.layers = len({k.split(".")[3] for k in stored if k.startswith("model.vision.layers.")})
+    # keys such as model.vision.layers.7.fc1.weight
+    layers = {k.split(".")[3] for k in stored if k.startswith("model.vision.layers.")}
+    config.vision.layers = len(layers)
     config.has_image_newline = "model.image_newline" in stored
     with torch.device("meta"):
         model = interleave.LlavaInterleave(config)
@@ -1305,7 +1308,8 @@ def train(cfg, cuda, rank, world):
             if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
                 state = trainer_state((step, position, history, evals), optimizer, cfg, device, cuda)
                 if cfg.fsdp:
-                    save_sharded_checkpoint(cfg.out, step, wrapped, optimizer, tokenizer, state, rank)
+                    save_sharded_checkpoint(cfg.out, step, wrapped, optimizer, tokenizer, state,
+                                            rank)
                 elif rank == 0:
                     save_checkpoint(cfg.out, step, model, tokenizer, state)
             dist.barrier()
