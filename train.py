@@ -38,6 +38,7 @@ from PIL import Image, ImageDraw
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -559,15 +560,15 @@ def resume(cfg, wrapped, optimizer, device, cuda):
         return 0, 0, [], []
     folder = os.path.join(cfg.out, "latest")
     state = read_trainer_state(folder)
-    try:
-        if cfg.fsdp:
-            load_shards(folder, wrapped, optimizer, state["optimizer"]["param_groups"])
-        else:
+    if cfg.fsdp:
+        load_shards(folder, wrapped, optimizer, state["optimizer"]["param_groups"])
+    else:
+        try:
             optimizer.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError, RuntimeError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"{folder}: its optimizer state does not fit this run's trained "
-                              f"parameters ({e}); resume with the options it was written "
-                              "with") from None
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{folder}: its optimizer state does not fit this run's trained "
+                                  f"parameters ({e}); resume with the options it was written "
+                                  "with") from None
     torch.set_rng_state(state["rng"])
     if cuda and state["cuda_rng"] is not None:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
@@ -984,6 +985,7 @@ def plot(history, evals, path):
 # The folder is renamed to step-N only when every process has written its part.
 
 SHARDS = "shards"
+AS_WRITTEN = "with the options it was written with"
 # what torch.distributed.checkpoint pickles into shards/.metadata (its table of contents)
 DCP_CLASSES = {
     "torch.distributed.checkpoint.metadata": {
@@ -1103,8 +1105,13 @@ class ShardReader(dcp.FileSystemReader):
     that table holds (DCP_CLASSES); the tensors it reads as torch.load(weights_only=True)."""
 
     def read_metadata(self, *args, **kwargs):
-        with open(os.path.join(self.path, ".metadata"), "rb") as f:
-            metadata = MetadataUnpickler(f).load()
+        path = os.path.join(self.path, ".metadata")
+        try:
+            with open(path, "rb") as f:
+                metadata = MetadataUnpickler(f).load()
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as e:
+            raise CheckpointError(f"cannot read {path} ({e!r:.200}): resume from another "
+                                  "checkpoint, whose shards/ folder is whole") from None
         metadata.storage_meta = metadata.storage_meta or StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
@@ -1126,10 +1133,19 @@ def load_shards(folder, wrapped, optimizer, param_groups):
     AdamW's settings `param_groups` (from the trainer state's JSON)."""
     weights, moments = get_state_dict(wrapped.model, optimizer)
     shards = {"model": weights, "optimizer": moments["state"]}
-    dcp.load(shards, storage_reader=ShardReader(os.path.join(folder, SHARDS)))
-    moments = {"state": shards["optimizer"], "param_groups": param_groups}
-    set_state_dict(wrapped.model, optimizer, model_state_dict=shards["model"],
-                   optim_state_dict=moments)
+    try:
+        dcp.load(shards, storage_reader=ShardReader(os.path.join(folder, SHARDS)))
+        moments = {"state": shards["optimizer"], "param_groups": param_groups}
+        set_state_dict(wrapped.model, optimizer, model_state_dict=shards["model"],
+                       optim_state_dict=moments)
+    except CheckpointException as e:
+        # DCP's error (a BaseException) holds each process's own: the first one says enough
+        first, _ = next(iter(e.failures.values()))
+        raise CheckpointError(f"the shards in {folder} cannot be read ({first!r:.300}); resume "
+                              f"from another checkpoint, {AS_WRITTEN}") from None
+    except (RuntimeError, OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"the shards in {folder} do not fit this run ({e!r:.300}); resume "
+                              f"from another checkpoint, {AS_WRITTEN}") from None
 
 
 def check_sharding_matches(folder, fsdp):

@@ -142,16 +142,23 @@ class Runs:
         return os.system, ("echo pwned",)
 
 
-def test_a_sharded_checkpoint_is_read_safely_and_only_with_fsdp(runs, tmp_path):
+def test_a_sharded_checkpoint_is_read_safely_and_only_with_fsdp(runs, data, tmp_path):
     """Resuming reads shards/.metadata (a pickle) with an unpickler that builds only what DCP writes there; a
-    checkpoint and --fsdp that disagree are refused before anything is built."""
+    checkpoint and --fsdp that disagree are refused before anything is built; a damaged shard is named."""
     one, fsdp, _ = runs
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / ".metadata").write_bytes(pickle.dumps(Runs()))
-    with pytest.raises(pickle.UnpicklingError, match="system is not in a checkpoint's table of contents"):
+    with pytest.raises(interleave.CheckpointError, match="system is not in a checkpoint's table of contents"):
         train.ShardReader(str(tmp_path / "shards")).read_metadata()
     assert train.ShardReader(str(fsdp / "latest" / "shards")).read_metadata().state_dict_metadata
     with pytest.raises(SystemExit, match="was written with --fsdp .*: resume with --fsdp"):
         train.main(["--synthetic", "4", "--out", str(fsdp), "--resume"])
     with pytest.raises(SystemExit, match="was written without --fsdp"):
         train.main(["--synthetic", "4", "--out", str(one), "--resume", "--fsdp"])
+    cut = tmp_path / "cut"
+    shutil.copytree(fsdp / "step-000005", cut / "step-000005")
+    os.symlink("step-000005", cut / "latest")
+    shard = next((cut / "step-000005" / "shards").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])   # a shard cut short
+    with pytest.raises(SystemExit, match="the shards in .* cannot be read"):
+        train.main(args(data, cut, "--fsdp", "--resume"))
