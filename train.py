@@ -3,11 +3,13 @@
     python train.py --init tiny --synthetic 4000 --pretrain-tower 2500 --loss-on replies --out out/tiny  # as m4-tiny
     python train.py --init PATH --data m4.json --image-folder IMAGES --val val.json --out out/ft   # fine-tune
     torchrun --nproc_per_node 8 train.py ...      # the same run on 8 GPUs (DDP); --batch stays the global batch
+    torchrun --nproc_per_node 8 train.py --fsdp ...   # the same, each GPU holding 1/8 of the model (FSDP2)
 
 Checkpoints: llava-hf layout, hub key names (docs/MODEL.md §2), plus a top-level tensor `image_newline`
 (multi-patch needs it; that layout has none): interleave.load reads it, transformers'
 LlavaForConditionalGeneration ignores it (same logits). What --resume needs besides is in
-trainer_state.json and trainer_state.safetensors: never a pickle, which could run code when read.
+trainer_state.json and trainer_state.safetensors: never a pickle, which could run code when read
+(with --fsdp, the weights are in shards/, whose pickled table of contents is read with care: Sharding).
 """
 import argparse
 import codecs
@@ -30,11 +32,18 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 import interleave
@@ -155,6 +164,8 @@ def check_run_folder(cfg):
     if held and not cfg.resume:
         raise InputError(f"{cfg.out} already holds checkpoints ({', '.join(held[-3:])}): continue "
                          "that run with --resume, or start a new one with another --out")
+    if cfg.resume:
+        check_sharding_matches(latest, cfg.fsdp)
 
 
 # ==== Data: records (unusable ones skipped and counted), their order, a tokenizer trained on them
@@ -346,10 +357,14 @@ def pack_batch(samples, budget):
     packs = interleave.pack_samples(samples, budget, verbose=False)
     if not packs:
         # none usable: a pack without labels has no loss, but keeps this process in step with DDP's
-        empty = interleave.Sample(torch.tensor([0, 0]), torch.full((2,), IGNORE), None, [],
-                                  torch.arange(2), torch.tensor([0, 2], dtype=torch.int32))
-        packs = [empty]
+        packs = [empty_pack()]
     return packs
+
+
+def empty_pack():
+    """A pack of two padding tokens without labels: no loss, no gradient."""
+    return interleave.Sample(torch.tensor([0, 0]), torch.full((2,), IGNORE), None, [],
+                             torch.arange(2), torch.tensor([0, 2], dtype=torch.int32))
 
 
 def train_tokenizer(records, vocab_size=512):
@@ -433,6 +448,9 @@ def build_model(cfg, tokenizer, device, cuda, log):
     to fine-tune, or with --resume from OUT/latest."""
     if cfg.init in PRESETS and not cfg.resume:
         model = fresh_model(cfg.init, tokenizer, cfg.seed, cfg.pretrain_tower, log)
+    elif cfg.fsdp and cfg.resume:
+        # its weights come from the shards, once it is sharded (resume)
+        model = unfilled_model(checkpoint_source(cfg))
     else:
         model = interleave.load(checkpoint_source(cfg), dtype=torch.float32)
     check_memory(model, cfg, device, log)
@@ -543,19 +561,23 @@ def make_optimizer(params, cfg, cuda):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=cuda)
 
 
-def resume(cfg, optimizer, device, cuda):
+def resume(cfg, wrapped, optimizer, device, cuda):
     """(step, data position, loss history, evaluations) to start from; with --resume, those of
-    OUT/latest's trainer state, whose optimizer moments and random generators are restored too."""
+    OUT/latest's trainer state, whose optimizer moments and random generators are restored too
+    (with --fsdp, the weights and moments from its shards)."""
     if not cfg.resume:
         return 0, 0, [], []
     folder = os.path.join(cfg.out, "latest")
     state = read_trainer_state(folder)
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{folder}: its optimizer state does not fit this run's trained "
-                              f"parameters ({e}); resume with the options it was written "
-                              "with") from None
+    if cfg.fsdp:
+        load_shards(folder, wrapped, optimizer, state["optimizer"]["param_groups"])
+    else:
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{folder}: its optimizer state does not fit this run's trained "
+                                  f"parameters ({e}); resume with the options it was written "
+                                  "with") from None
     torch.set_rng_state(state["rng"])
     if cuda and state["cuda_rng"] is not None:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
@@ -953,19 +975,20 @@ def atomic(path, write):
     os.replace(path + ".tmp", path)
 
 
-def write_model(folder, model, tokenizer, trainer_state=None):
-    """config.json, model.safetensors (fp32; LoRA adapters merged in), tokenizer.json,
-    generation_config.json, each written atomically; a LoRA model's adapters alone in adapter/
-    (write_adapter); the trainer state too when given one (write_trainer_state)."""
+def write_model(folder, model, tokenizer, trainer_state=None, weights=True):
+    """config.json, model.safetensors (fp32; LoRA adapters merged in; not with weights=False),
+    tokenizer.json, generation_config.json, each written atomically; a LoRA model's adapters alone
+    in adapter/ (write_adapter); the trainer state too when given one (write_trainer_state)."""
     os.makedirs(folder, exist_ok=True)
     # tied embeddings: then the hub's files have no lm_head (docs/MODEL.md §1)
     tied = model.config.text.tie_embeddings
-    tensors = {}
-    for k, t in merged_state_dict(model).items():
-        if not (tied and k == "lm_head.weight"):
-            tensors[hub_key(k)] = t.detach().float().contiguous().cpu()
-    atomic(os.path.join(folder, "model.safetensors"),
-           lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    if weights:
+        tensors = {}
+        for k, t in merged_state_dict(model).items():
+            if not (tied and k == "lm_head.weight"):
+                tensors[hub_key(k)] = t.detach().float().contiguous().cpu()
+        atomic(os.path.join(folder, "model.safetensors"),
+               lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     stops = [tokenizer.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>")]
     generation = {"eos_token_id": stops, "pad_token_id": stops[1], "do_sample": False,
                   "max_new_tokens": 64}
@@ -1050,6 +1073,13 @@ def save_checkpoint(out, step, model, tokenizer, trainer_state):
     name = f"step-{step:06d}"
     tmp = os.path.join(out, f".{name}.tmp")
     write_model(tmp, model, tokenizer, trainer_state)
+    publish_checkpoint(out, step, tmp)
+
+
+def publish_checkpoint(out, step, tmp):
+    """Rename the complete checkpoint folder `tmp` to OUT/step-N, move OUT/latest to it, delete all
+    but the newest older one (save_checkpoint)."""
+    name = f"step-{step:06d}"
     shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     os.replace(tmp, os.path.join(out, name))
     atomic(os.path.join(out, "latest"), lambda link: os.symlink(name, link))
@@ -1083,6 +1113,22 @@ class WithLoss(torch.nn.Module):
         return F.cross_entropy(logits, labels[1:][keep], reduction="sum")
 
 
+def wrap_model(cfg, model, train_vision, device, bf16, world):
+    """(The model with its loss, as this process runs it; the trained parameters; their AdamW):
+    FSDP2 with --fsdp (which replaces each parameter by its slice), else DDP over several
+    processes."""
+    params = trained_parameters(model, train_vision, cfg.grad_ckpt)
+    params = add_lora(model, cfg, params, bf16_base=device.type == "cuda" and bf16)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    wrapped = EveryUnitWithLoss(model, dtype) if cfg.fsdp else WithLoss(model, dtype)
+    if cfg.fsdp:
+        params = shard_model(wrapped, device, bf16)
+    # DDP: some parameters may get no gradient: image_newline in a step without multi-patch
+    elif world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, find_unused_parameters=True)
+    return wrapped, params, make_optimizer(params, cfg, device.type == "cuda")
+
+
 def forward_backward(wrapped, packs, device, world, bf16):
     """Accumulate, pack by pack, the gradients of the step's mean loss per labelled token over all
     processes' packs; return that mean loss and the count of labelled tokens (each the same on
@@ -1095,14 +1141,15 @@ def forward_backward(wrapped, packs, device, world, bf16):
     for i, p in enumerate(packs):
         # gradient accumulation: DDP syncs the gradients at the last pack only
         last = i == len(packs) - 1
-        sync = wrapped.no_sync() if world > 1 and not last else contextlib.nullcontext()
+        ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+        sync = wrapped.no_sync() if ddp and not last else contextlib.nullcontext()
         with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             ids = p.input_ids[None].to(device)   # (1, T)
             labels = p.labels.to(device)
             pixels = None if p.pixel_values is None else p.pixel_values.to(device)
             positions = p.position_ids[None].to(device)   # (1, T)
             loss = wrapped(ids, labels, pixels, p.image_sizes, positions, p.cu_seqlens.to(device))
-        # the mean over all tokens of the step; DDP divides the gradients by world: multiply by it
+        # the mean over all tokens of the step; DDP and FSDP divide the gradients by world: multiply
         (loss * world / count.clamp(min=1)).backward()
         total += loss.detach()
     dist.all_reduce(total)
@@ -1263,6 +1310,219 @@ def plot(history, evals, path):
     atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
+# ==== Sharding: FSDP2 over the torchrun processes (--fsdp)
+#
+# DDP keeps the whole model, its gradients and AdamW's two moments on every GPU: 16 bytes a weight,
+# 115 GB for the 7B release. FSDP2 (fully_shard) keeps a 1/world slice of each on each process:
+# every parameter becomes a DTensor, cut along its first dimension. A unit's weights (a decoder
+# block, a vision block; for the root, all the rest: embeddings, projector, head, norms) are
+# all-gathered just before the unit runs, freed after it, gathered again for its backward, and its
+# gradients are reduce-scattered: each process receives the average of its slice, over all
+# processes, and AdamW updates that slice only.
+#
+# A gather is a collective: every process must join it, in the same order. So every process runs
+# every unit in every forward, and as many packs as the process with the most. A pack without an
+# image runs the tower on one blank view, and image_newline joins every loss, both times 0 (the
+# release's trainer does the same under its ZeRO-3 sharding); in a step where no process had an
+# image (or a multi-patch one) those zero gradients are dropped again, as one process never has
+# them, so AdamW leaves those weights alone. The loss and the data order are DDP's.
+#
+# Checkpoints: each process writes its slices of the weights and of AdamW's moments into
+# step-N/shards (torch.distributed.checkpoint); the rest of the trainer state is JSON as for DDP.
+# The folder is renamed to step-N only when every process has written its part.
+
+SHARDS = "shards"
+AS_WRITTEN = "with the options it was written with"
+# what torch.distributed.checkpoint pickles into shards/.metadata (its table of contents)
+DCP_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "WindowsPath"},
+}
+
+
+class EveryUnitWithLoss(WithLoss):
+    """WithLoss, running the tower and image_newline in every forward (see above): the same loss,
+    the same gradients."""
+
+    def forward(self, ids, labels, pixels, sizes, positions, cu_seqlens=None):
+        m = self.model
+        unused = torch.zeros((), device=ids.device)
+        # before the decoder, where embed runs the tower: the gathers keep their order
+        if pixels is None:
+            size = m.config.vision.image_size
+            blank = torch.zeros(1, 3, size, size, device=ids.device)
+            unused = unused + m.projector(m.vision(blank)).sum()
+        if m.config.has_image_newline:
+            unused = unused + m.image_newline.sum()
+        loss = super().forward(ids, labels, pixels, sizes, positions, cu_seqlens)
+        return loss + 0 * unused
+
+
+def shard_model(wrapped, device, bf16):
+    """Shard `wrapped` (an EveryUnitWithLoss) in place: each vision and each decoder block a unit,
+    then the root; return its trained parameters, now DTensors. bf16: the gathered weights are
+    bf16, the gradients are reduced in fp32 (the weights' slices and AdamW stay fp32)."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy()
+    if bf16:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model = wrapped.model
+    for block in [*model.vision.layers, *model.decoder.layers]:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(wrapped, mesh=mesh, mp_policy=policy)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def even_packs(packs, device):
+    """`packs`, then empty ones up to the count of the process with the most."""
+    most = torch.tensor([len(packs)], device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return packs + [empty_pack() for _ in range(int(most) - len(packs))]
+
+
+def sharded_forward_backward(wrapped, packs, device, world, bf16):
+    """forward_backward with --fsdp: as many packs as the process with the most; then the zero
+    gradients of what no process used dropped."""
+    loss, labelled = forward_backward(wrapped, even_packs(packs, device), device, world, bf16)
+    drop_unused_gradients(wrapped.model, packs, device)
+    return loss, labelled
+
+
+def drop_unused_gradients(model, packs, device):
+    """After the backward: None again for the zero gradients of what no process used in the step
+    (the tower and projector with no image, image_newline with no multi-patch image)."""
+    images = sum(p.pixel_values is not None for p in packs)
+    multipatch = sum(size is not None for p in packs for size in p.image_sizes)
+    used = torch.tensor([images, multipatch], device=device)
+    dist.all_reduce(used)
+    unused = []
+    if not used[0]:
+        unused += [*model.vision.parameters(), *model.projector.parameters()]
+    if not used[1] and model.config.has_image_newline:
+        unused.append(model.image_newline)
+    for p in unused:
+        p.grad = None
+
+
+def gathered_model(model, cfg, rank, device):
+    """Every process: `model` unsharded; with --fsdp, its weights gathered into rank 0's CPU
+    memory and loaded into a plain model on `device` there (None on the other ranks)."""
+    if not cfg.fsdp:
+        return model
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    if rank != 0:
+        return None
+    with torch.device("meta"):
+        plain = interleave.LlavaInterleave(model.config)
+    plain.load_state_dict(weights, assign=True)
+    if model.config.text.tie_embeddings:
+        plain.lm_head.weight = plain.decoder.embed_tokens.weight
+    attn = cfg.attn or ("triton" if device.type == "cuda" else "sdpa")
+    return plain.to(device).train().set_attention(attn)
+
+
+def save_sharded_checkpoint(out, step, wrapped, optimizer, tokenizer, state, rank):
+    """Every process: OUT/step-N as save_checkpoint writes it, but the weights and AdamW's moments
+    in shards/, each process its slices; AdamW's settings (by parameter name) in the JSON."""
+    tmp = os.path.join(out, f".step-{step:06d}.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)   # left over from a crash
+    dist.barrier()
+    weights, moments = get_state_dict(wrapped.model, optimizer)
+    dcp.save({"model": weights, "optimizer": moments["state"]},
+             checkpoint_id=os.path.join(tmp, SHARDS))
+    if rank == 0:
+        state["optimizer"] = {"state": {}, "param_groups": moments["param_groups"]}
+        write_model(tmp, wrapped.model, tokenizer, state, weights=False)
+    # every process's slices are written: only now may the folder become a checkpoint
+    dist.barrier()
+    if rank == 0:
+        publish_checkpoint(out, step, tmp)
+
+
+class ShardReader(dcp.FileSystemReader):
+    """torch.distributed.checkpoint's reader of a shards/ folder, but its table of contents, a
+    pickle (which could name any function to run), is read by an unpickler that builds only what
+    that table holds (DCP_CLASSES); the tensors it reads as torch.load(weights_only=True)."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = os.path.join(self.path, ".metadata")
+        try:
+            with open(path, "rb") as f:
+                metadata = MetadataUnpickler(f).load()
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as e:
+            raise CheckpointError(f"cannot read {path} ({e!r:.200}): resume from another "
+                                  "checkpoint, whose shards/ folder is whole") from None
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """An unpickler that refuses every class or function outside DCP_CLASSES, and torch's
+    dtypes."""
+
+    def find_class(self, module, name):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if dtype or name in DCP_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not in a checkpoint's table of contents")
+
+
+def load_shards(folder, wrapped, optimizer, param_groups):
+    """Every process: its slices of the weights and AdamW's moments from `folder`/shards, and
+    AdamW's settings `param_groups` (from the trainer state's JSON)."""
+    weights, moments = get_state_dict(wrapped.model, optimizer)
+    shards = {"model": weights, "optimizer": moments["state"]}
+    try:
+        dcp.load(shards, storage_reader=ShardReader(os.path.join(folder, SHARDS)))
+        moments = {"state": shards["optimizer"], "param_groups": param_groups}
+        set_state_dict(wrapped.model, optimizer, model_state_dict=shards["model"],
+                       optim_state_dict=moments)
+    except CheckpointException as e:
+        # DCP's error (a BaseException) holds each process's own: the first one says enough
+        first, _ = next(iter(e.failures.values()))
+        raise CheckpointError(f"the shards in {folder} cannot be read ({first!r:.300}); resume "
+                              f"from another checkpoint, {AS_WRITTEN}") from None
+    except (RuntimeError, OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"the shards in {folder} do not fit this run ({e!r:.300}); resume "
+                              f"from another checkpoint, {AS_WRITTEN}") from None
+
+
+def check_sharding_matches(folder, fsdp):
+    """Raise InputError when --fsdp and the checkpoint `folder` to resume from disagree."""
+    sharded = os.path.isdir(os.path.join(folder, SHARDS))
+    if sharded and not fsdp:
+        raise InputError(f"{folder} was written with --fsdp (its weights are in {SHARDS}/): "
+                         "resume with --fsdp")
+    if fsdp and not sharded:
+        raise InputError(f"{folder} was written without --fsdp (it has no {SHARDS}/): resume "
+                         "without --fsdp, or fine-tune from it with --init and --fsdp")
+
+
+def unfilled_model(folder):
+    """The model of a sharded checkpoint `folder`, shaped by its config.json and its shards' table
+    of contents (how many vision layers; image_newline or not), with uninitialized weights."""
+    config = interleave.read_config(folder)
+    stored = ShardReader(os.path.join(folder, SHARDS)).read_metadata().state_dict_metadata
+    # keys such as model.vision.layers.7.fc1.weight
+    layers = {k.split(".")[3] for k in stored if k.startswith("model.vision.layers.")}
+    config.vision.layers = len(layers)
+    config.has_image_newline = "model.image_newline" in stored
+    with torch.device("meta"):
+        model = interleave.LlavaInterleave(config)
+    model = model.to_empty(device="cpu")
+    if config.text.tie_embeddings:
+        model.lm_head.weight = model.decoder.embed_tokens.weight
+    return model
+
+
 # ==== The run
 
 def main(argv=None):
@@ -1329,10 +1589,13 @@ def loader_processes(run):
         pool.shutdown(cancel_futures=True)
 
 
-def finish(cfg, model, tokenizer, val, history, evals, skip, device, step, log):
-    """The end of the run (rank 0): the exported model first, as the last checkpoint already is,
-    so that nothing after can lose it; then the evaluation on every held-out record, the loss
-    curve."""
+def finish(cfg, model, tokenizer, val, history, evals, skip, device, step, log, rank):
+    """The end of the run (every process: --fsdp gathers the model on rank 0; then rank 0 alone):
+    the exported model first, as the last checkpoint already is, so that nothing after can lose
+    it; then the evaluation on every held-out record, the loss curve."""
+    model = gathered_model(model, cfg, rank, device)
+    if rank != 0:
+        return
     if cfg.export:
         write_model(cfg.export, model, tokenizer)
     if val:
@@ -1357,15 +1620,9 @@ def train(cfg, cuda, rank, world):
     check_budget(cfg.budget, tokenizer)
     model = build_model(cfg, tokenizer, device, cuda, log)
     train_vision = cfg.init == "tiny" or cfg.train_vision
-    params = trained_parameters(model, train_vision, cfg.grad_ckpt)
-    params = add_lora(model, cfg, params, bf16_base=cuda and bf16)
-    optimizer = make_optimizer(params, cfg, cuda)
-    wrapped = WithLoss(model, torch.bfloat16 if bf16 else torch.float32)
-    # DDP; some parameters may get no gradient: image_newline in a step without multi-patch
-    if world > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped, find_unused_parameters=True)
+    wrapped, params, optimizer = wrap_model(cfg, model, train_vision, device, bf16, world)
     # ---- resume (or start): step, data position, curves, optimizer moments, random generators
-    step, position, history, evals = resume(cfg, optimizer, device, cuda)
+    step, position, history, evals = resume(cfg, wrapped, optimizer, device, cuda)
     weights = sum(p.numel() for p in params)
     log(f"{weights:,} trained weights, {len(records)} records, {world}x {device}, step {step}")
     # ---- the loop; loader processes prepare the samples
@@ -1383,7 +1640,8 @@ def train(cfg, cuda, rank, world):
                 upcoming = submit_batch(pool, records, cfg, position, rank, world)
             packs = pack_batch(samples, cfg.budget)
             # ---- forward and backward, then clip the gradient norm at 1
-            loss, labelled = forward_backward(wrapped, packs, device, world, bf16)
+            backward = sharded_forward_backward if cfg.fsdp else forward_backward
+            loss, labelled = backward(wrapped, packs, device, world, bf16)
             unusable = 0 if labelled else unusable + cfg.batch
             stop_if_nothing_to_learn(step, unusable, len(records), skip, cfg.budget)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -1401,21 +1659,26 @@ def train(cfg, cuda, rank, world):
             if step % 10 == 0 or step == cfg.steps:
                 speed = meter.summary(device, world, cfg.steps - step)
                 log(f"step {step}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                    f"grad norm {grad_norm:.2f} | {speed} | skipped {len(skip.reasons)}", flush=True)
+                    f"grad norm {float(grad_norm):.2f} | {speed} | skipped {len(skip.reasons)}", flush=True)
                 meter = Throughput()
             # ---- evaluate on 200 held-out records (rank 0); on all of them after the last step
             evaluating = cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps
-            if rank == 0 and val and evaluating:
-                evals.append(evaluate(model, val[:200], cfg, tokenizer, skip, device, step, log))
-            # ---- checkpoint (rank 0; the others wait at the barrier): what resume reads back
-            if rank == 0 and cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
+            if val and evaluating:
+                whole = gathered_model(model, cfg, rank, device)
+                if rank == 0:
+                    evals.append(evaluate(whole, val[:200], cfg, tokenizer, skip, device, step, log))
+            # ---- checkpoint (rank 0, or with --fsdp each its shards): what resume reads back
+            if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
                 state = trainer_state((step, position, history, evals), optimizer, cfg, device, cuda)
-                save_checkpoint(cfg.out, step, model, tokenizer, state)
+                if cfg.fsdp:
+                    save_sharded_checkpoint(cfg.out, step, wrapped, optimizer, tokenizer, state,
+                                            rank)
+                elif rank == 0:
+                    save_checkpoint(cfg.out, step, model, tokenizer, state)
             dist.barrier()
 
     # ---- the end (rank 0): the exported model, then evaluation on every held-out record
-    if rank == 0:
-        finish(cfg, model, tokenizer, val, history, evals, skip, device, step, log)
+    finish(cfg, model, tokenizer, val, history, evals, skip, device, step, log, rank)
     skipped = len(skip.reasons)
     log(f"done: {step} steps in {(time.time() - started) / 60:.1f} min, {skipped} records skipped")
     return {"model": model, "tokenizer": tokenizer, "history": history, "evals": evals,
