@@ -1593,6 +1593,10 @@ def finish(cfg, model, tokenizer, val, history, evals, skip, device, step, log, 
     """The end of the run (every process: --fsdp gathers the model on rank 0; then rank 0 alone):
     the exported model first, as the last checkpoint already is, so that nothing after can lose
     it; then the evaluation on every held-out record, the loss curve."""
+    # what the memory plan, printed before step 1, is checked against on a GPU
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / GIB
+        log(f"peak GPU memory allocated while training: {peak:.2f} GiB")
     model = gathered_model(model, cfg, rank, device)
     if rank != 0:
         return
