@@ -991,24 +991,71 @@ def answered_turns(path, log):
     return done
 
 
+def words(tokenizer, text):
+    """The token ids of plain text (no special tokens added)."""
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def release_prompt_ids(turns, tokenizer, config):
+    """The conversation so far (user turns with their image paths, the model's own answers) as the
+    release's bench script tokenises it (its preprocess_qwen), which is not the chat template the
+    model was trained with: the system block again before every question, each text piece
+    tokenised alone, a newline after each image's slots, the assistant header; an earlier answer
+    then <|im_end|> with no newline (the script appends the ids it generated; we tokenise the
+    answer's text again, so that a resumed run asks exactly what an unbroken one asks). A question
+    without <image> markers gets its images at its start."""
+    start = tokenizer.token_to_id("<|im_start|>")
+    end = tokenizer.token_to_id("<|im_end|>")
+    newline = words(tokenizer, "\n")
+    slots = interleave.image_slots(config)
+    ids = []
+    for turn in turns:
+        role = turn[0]
+        text = turn[1]
+        if role == "assistant":
+            ids += words(tokenizer, text) + [end]
+            continue
+        images = turn[2]
+        if images and interleave.IMAGE_MARKER not in text:
+            text = interleave.IMAGE_MARKER * len(images) + text
+        ids += [start] + words(tokenizer, "system") + newline
+        ids += words(tokenizer, interleave.SYSTEM_PROMPT) + [end] + newline
+        ids += [start] + words(tokenizer, "user") + newline
+        pieces = text.split(interleave.IMAGE_MARKER)
+        for i, piece in enumerate(pieces):
+            ids += words(tokenizer, piece)
+            if i < len(pieces) - 1:
+                ids += [config.image_token_id] * slots + newline
+        ids += [end] + newline
+        ids += [start] + words(tokenizer, "assistant") + newline
+    return ids
+
+
 def bench_answer(session, turns):
-    """The model's greedy answer to the conversation so far, as the release strips it."""
+    """The model's greedy answer to the conversation so far, asked with the release's prompt
+    (release_prompt_ids) and its images as plain views, stripped as the release strips it."""
     model = session.model
     config = model.config
     device = model.decoder.embed_tokens.weight.device
-    sample = interleave.build_inputs(turns, session.tokenizer, config)
-    n = len(sample.input_ids)
-    pixels = None if sample.pixel_values is None else sample.pixel_values.to(device)
+    ids = release_prompt_ids(turns, session.tokenizer, config)
+    # every image of the questions so far, in order
+    paths = []
+    for turn in turns:
+        if turn[0] == "user":
+            paths += turn[2]
+    n = len(ids)
     budget = min(session.settings["max_new_tokens"], config.text.max_positions - n)
     if budget < 1:
         raise interleave.InputError(f"the prompt takes {n} tokens, the model's whole context")
-    new = model.generate(sample.input_ids[None].to(device), pixels, sample.image_sizes,
-                         max_new_tokens=budget, stop_ids=session.stops)
-    ids = new[0].tolist()
-    stops = [i for i, token in enumerate(ids) if token in session.stops]
+    pixels = torch.cat([interleave.preprocess(path, config) for path in paths]).to(device)
+    input_ids = torch.tensor([ids], device=device)   # (1, T)
+    new = model.generate(input_ids, pixels, [None] * len(paths), max_new_tokens=budget,
+                         stop_ids=session.stops)
+    out = new[0].tolist()
+    stops = [i for i, token in enumerate(out) if token in session.stops]
     if stops:
-        ids = ids[:stops[0]]
-    return session.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        out = out[:stops[0]]
+    return session.tokenizer.decode(out, skip_special_tokens=True).strip()
 
 
 def ask_item(session, item, done, out, model_id):

@@ -370,3 +370,37 @@ def test_the_embedded_model_runs_a_bench_file_and_scores_it(tmp_path):
     assert again.returncode == 0, again.stderr
     assert again.stdout == table
     assert json.loads((tmp_path / "eval_dataset.json").read_text()) == datasets
+
+
+def test_the_questions_are_asked_in_the_release_s_layout():
+    """The release's bench script (preprocess_qwen) asks each question after the system block again, puts a
+    newline after each image, tokenises each text piece alone, and follows an earlier answer's <|im_end|>
+    with no newline; a question without markers gets its images first."""
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(os.path.join(sample.EMBEDDED, "tokenizer.json"))
+    config = sample.interleave.read_config(sample.EMBEDDED)
+    turns = [("user", "<image>\nWhat is it?", ["a.png"]), ("assistant", "A cat"),
+             ("user", "And <image> then?", ["b.png"]), ("assistant", "No"), ("user", "Where?", ["c.png"])]
+    ids = sample.release_prompt_ids(turns, tokenizer, config)
+    image = config.image_token_id
+    slots = sample.interleave.image_slots(config)
+    # each image is one run of its slots; write it as <image> to read the rest as text
+    pieces = []
+    i = 0
+    while i < len(ids):
+        if ids[i] == image:
+            assert ids[i:i + slots] == [image] * slots
+            pieces.append("<image>")
+            i += slots
+        else:
+            pieces.append(tokenizer.decode([ids[i]], skip_special_tokens=False))
+            i += 1
+    system = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    assert "".join(pieces) == (
+        system + "<|im_start|>user\n<image>\n\nWhat is it?<|im_end|>\n<|im_start|>assistant\nA cat<|im_end|>"
+        + system + "<|im_start|>user\nAnd <image>\n then?<|im_end|>\n<|im_start|>assistant\nNo<|im_end|>"
+        + system + "<|im_start|>user\n<image>\nWhere?<|im_end|>\n<|im_start|>assistant\n")
+    # the newline after the image and the question's own first newline are two tokens, not one "\n\n"
+    after = ids.index(image) + slots
+    newline = tokenizer.encode("\n", add_special_tokens=False).ids
+    assert ids[after:after + 2] == newline + newline
