@@ -7,7 +7,7 @@ time, writes the mutated file, runs its tests (pytest -x, with a timeout) and pu
 when its tests fail or time out, and survives when they pass. It prints a table and the score and writes both to
 benchmarks/results/mutants.txt.
 
-    python benchmarks/mutants.py                 # every mutant, about 15 minutes on 2 CPU cores
+    python benchmarks/mutants.py                 # every mutant, about 7 minutes on 2 CPU cores
     python benchmarks/mutants.py --only top-p    # the mutants whose names contain any of these words
     python benchmarks/mutants.py --list          # the mutants and their tests, without running anything
 
@@ -195,6 +195,26 @@ MUTANTS = [
     Mutant("options-zero-loses-to-the-file", "sample.py",
            "if getattr(args, key) is not None:", "if getattr(args, key):",
            ["tests/test_sample.py::test_command_line_options_win_over_generation_config"]),
+    # ---- sample.py: LLaVA-Interleave Bench (issue 20)
+    Mutant("bench-all-periods-deleted", "sample.py",
+           'return LONE_PERIOD.sub("", out, count=PERIODS_DELETED)', 'return LONE_PERIOD.sub("", out)',
+           ["tests/test_bench.py::test_only_32_periods_are_deleted"]),
+    Mutant("bench-first-letter-wins", "sample.py",
+           "            prediction = piece", "            return piece",
+           ["tests/test_bench.py::test_the_last_single_letter_piece_wins"]),
+    Mutant("bench-no-newline-after-an-image", "sample.py",
+           "ids += [config.image_token_id] * slots + newline", "ids += [config.image_token_id] * slots",
+           ["tests/test_bench.py::test_the_questions_are_asked_in_the_release_s_layout"]),
+    # ---- train.py: LoRA and FSDP (issue 19)
+    Mutant("lora-b-not-zero", "train.py",
+           "torch.nn.init.zeros_(self.lora_B.weight)", "torch.nn.init.normal_(self.lora_B.weight, std=0.02)",
+           ["tests/test_lora.py::test_at_step_0_the_adapted_model_gives_the_base_models_logits_exactly"]),
+    Mutant("lora-merge-without-scale", "train.py",
+           "return self.weight.float() + self.scale * delta", "return self.weight.float() + delta",
+           ["tests/test_lora.py::test_the_merged_export_gives_the_adapted_models_logits"]),
+    Mutant("fsdp-unused-gradients-kept", "train.py",
+           "    drop_unused_gradients(wrapped.model, packs, device)", "    pass",
+           ["tests/test_fsdp.py::test_fsdp_losses_equal_one_process"]),
 ]
 
 
