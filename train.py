@@ -443,6 +443,29 @@ def check_budget(budget, tokenizer):
                          "tokens, and a sample needs a reply too; raise it (1024 is the default)")
 
 
+def trains_vision(cfg):
+    """Whether the run trains the vision tower: a fresh tiny model's always (stage 0 only starts
+    it), a checkpoint's (or a larger preset's) with --train-vision only."""
+    return cfg.init == "tiny" or cfg.train_vision
+
+
+def uses_bf16(cfg, cuda):
+    """Whether the run computes in bf16: --bf16 when given, else on a GPU."""
+    return cuda if cfg.bf16 is None else cfg.bf16
+
+
+def run_mode(cfg):
+    """How the run keeps its state on a GPU: "lora", "fsdp" or "full" (the memory plan's modes)."""
+    if cfg.lora:
+        return "lora"
+    return "fsdp" if cfg.fsdp else "full"
+
+
+def attention_impl(cfg, cuda):
+    """--attn when given, else the kernel on a GPU and SDPA on the CPU."""
+    return cfg.attn or ("triton" if cuda else "sdpa")
+
+
 def build_model(cfg, tokenizer, device, cuda, log):
     """The model on `device`, in training mode: fresh for a preset, else loaded from the checkpoint
     to fine-tune, or with --resume from OUT/latest."""
@@ -454,7 +477,7 @@ def build_model(cfg, tokenizer, device, cuda, log):
     else:
         model = interleave.load(checkpoint_source(cfg), dtype=torch.float32)
     check_memory(model, cfg, device, log)
-    return model.to(device).train().set_attention(cfg.attn or ("triton" if cuda else "sdpa"))
+    return model.to(device).train().set_attention(attention_impl(cfg, cuda))
 
 
 # ==== Stage 0: the tiny model's vision tower trained alone on the shapes and colours of pictures
@@ -896,7 +919,7 @@ def fewest_gpus(model, cfg, train_vision, bf16, capacity, most=1024):
 def refusal(model, cfg, world, train_vision, bf16, capacity, where):
     """The one-line InputError message for a plan that does not fit in `capacity` bytes: what it
     needs, and the fix (--lora, or --fsdp over enough GPUs)."""
-    mode = "lora" if cfg.lora else "fsdp" if cfg.fsdp else "full"
+    mode = run_mode(cfg)
     need = memory_plan(model, mode, world, cfg, train_vision, bf16).total
     fixes = []
     # the release's rank when none is given
@@ -918,10 +941,9 @@ def check_memory(model, cfg, device, log):
     (InputError) a run it says cannot fit in the GPU's memory, before anything is put there. On
     the CPU nothing is refused: RAM is shared with the loader processes, and swap."""
     world = dist.get_world_size()
-    # as train() decides them
-    train_vision = cfg.init == "tiny" or cfg.train_vision
-    bf16 = device.type == "cuda" if cfg.bf16 is None else cfg.bf16
-    mode = "lora" if cfg.lora else "fsdp" if cfg.fsdp else "full"
+    train_vision = trains_vision(cfg)
+    bf16 = uses_bf16(cfg, device.type == "cuda")
+    mode = run_mode(cfg)
     plan = memory_plan(model, mode, world, cfg, train_vision, bf16)
     log(plan_table(plan, mode, world), flush=True)
     if device.type != "cuda":
@@ -1423,7 +1445,7 @@ def gathered_model(model, cfg, rank, device):
     plain.load_state_dict(weights, assign=True)
     if model.config.text.tie_embeddings:
         plain.lm_head.weight = plain.decoder.embed_tokens.weight
-    attn = cfg.attn or ("triton" if device.type == "cuda" else "sdpa")
+    attn = attention_impl(cfg, device.type == "cuda")
     return plain.to(device).train().set_attention(attn)
 
 
@@ -1615,7 +1637,7 @@ def train(cfg, cuda, rank, world):
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    bf16 = cuda if cfg.bf16 is None else cfg.bf16
+    bf16 = uses_bf16(cfg, cuda)
     skip = SkippedRecords()
 
     # ---- data, tokenizer, model, optimizer; a checkpoint (or its shape) keeps its tower frozen
@@ -1623,7 +1645,7 @@ def train(cfg, cuda, rank, world):
     tokenizer = build_tokenizer(cfg, records)
     check_budget(cfg.budget, tokenizer)
     model = build_model(cfg, tokenizer, device, cuda, log)
-    train_vision = cfg.init == "tiny" or cfg.train_vision
+    train_vision = trains_vision(cfg)
     wrapped, params, optimizer = wrap_model(cfg, model, train_vision, device, bf16, world)
     # ---- resume (or start): step, data position, curves, optimizer moments, random generators
     step, position, history, evals = resume(cfg, wrapped, optimizer, device, cuda)

@@ -173,6 +173,13 @@ def atomic_save(image, path):
     os.replace(path + ".tmp.png", path)
 
 
+def atomic_json(records, path):
+    """Write the records as one JSON list through a temporary name, so a file is never half-written."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(records, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def write_example(out, split, task, i, seed, size, perception):
     """Draw example i of a task, save its pictures, return its record."""
     folder = os.path.join(out, split, task)
@@ -209,9 +216,7 @@ def write_split(out, split, count, seed, size, perception=0.0, workers=1):
         records = [write_example(*job) for job in jobs]
     random.Random(f"{seed}/{split}/order").shuffle(records)
     path = os.path.join(out, f"{split}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(records, f, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_json(records, path)
     return path
 
 
@@ -272,9 +277,7 @@ def write_bench(out, count, seed, size):
             by_kind[kind] += [records[kind_index] for records in examples]
     records = [record for kind in BENCH_KINDS for record in by_kind[kind]]
     path = os.path.join(out, "bench.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(records, f, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_json(records, path)
     return path, len(records)
 
 
