@@ -230,16 +230,22 @@ def test_attention_reads_nothing_from_the_device(monkeypatch):
     assert reads == []
 
 
-def test_one_sample_launches_without_offsets(monkeypatch):
-    """One sample goes in as scalar lengths (PACKED off): no offsets tensor is built or passed."""
+def launches_of(kernel, monkeypatch):
+    """The keyword arguments of every launch of `kernel` from now on (each still runs)."""
     launches = []
-    run = kernels._fwd_kernel.run
+    run = kernel.run
 
     def record(*args, **kwargs):
         launches.append(kwargs)
         return run(*args, **kwargs)
 
-    monkeypatch.setattr(kernels._fwd_kernel, "run", record)
+    monkeypatch.setattr(kernel, "run", record)
+    return launches
+
+
+def test_one_sample_launches_without_offsets(monkeypatch):
+    """One sample goes in as scalar lengths (PACKED off): no offsets tensor is built or passed."""
+    launches = launches_of(kernels._fwd_kernel, monkeypatch)
     q, k, v = _inputs(tq=9, tk=21)
     kernels.attention(q, k, v, causal=True)
     assert launches[0]["PACKED"] is False
@@ -283,14 +289,7 @@ def test_head_dim_split_and_the_work_it_saves(d, widths):
 def test_both_backward_paths(deterministic, d, dtype, monkeypatch):
     """The five-matmul backward (atomic dq) and the deterministic two-kernel one both match the oracle,
     and the flag picks the dq kernel."""
-    dq_launches = []
-    run = kernels._bwd_dq_kernel.run
-
-    def record(*args, **kwargs):
-        dq_launches.append(kwargs)
-        return run(*args, **kwargs)
-
-    monkeypatch.setattr(kernels._bwd_dq_kernel, "run", record)
+    dq_launches = launches_of(kernels._bwd_dq_kernel, monkeypatch)
     check([4, 1, 21], [20, 37, 21], n_heads=4, n_kv_heads=2, d=d, causal=True, dtype=dtype,
           deterministic=deterministic)
     assert len(dq_launches) == (1 if deterministic else 0)
